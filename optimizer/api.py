@@ -1,0 +1,106 @@
+"""The whole job in one call: load, run the pipeline with verification, evaluate, save, report."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import onnx
+
+from calibration.data import ArrayData, ShapeSpec, load_npz, parse_shapes
+from optimizer.errors import PassError
+from optimizer.evaluate import evaluate
+from optimizer.io import default_output_path, load_model, save_model
+from optimizer.manager import Hook, PassManager, VerifyMode
+from optimizer.pass_base import PassContext
+from optimizer.pipeline import Step
+from optimizer.report import Report
+from optimizer.runtime import input_specs
+from optimizer.stats import model_stats
+
+#: Samples of the user's data used for per-pass numeric verification (evaluation uses them all).
+VERIFY_SAMPLES = 8
+
+
+@dataclass
+class OptimizeResult:
+    """The optimized model (None if the pipeline failed) and the run's report."""
+
+    model: onnx.ModelProto | None
+    report: Report
+
+
+def optimize(
+    model: str | os.PathLike | onnx.ModelProto,
+    pipeline: str | Step | list = "default",
+    *,
+    output: str | os.PathLike | None = None,
+    data: str | os.PathLike | ArrayData | None = None,
+    shapes: str | list[str] | dict[str, ShapeSpec] | None = None,
+    verify: VerifyMode = "numeric",
+    keep_going: bool = False,
+    evaluate_accuracy: bool = True,
+    hooks: list[Hook] | None = None,
+    progress: Callable[[str, int | None], Callable[..., None]] | None = None,
+) -> OptimizeResult:
+    """Optimize ``model`` with ``pipeline``; save to ``output`` when given (never over the input).
+
+    Raises ``InputError``/``PipelineError`` for bad input. A pass that fails verification raises
+    ``PassError`` unless ``keep_going`` (then it is rolled back); either way the report says so.
+    """
+    start = time.perf_counter()
+    original, source = load_model(model)
+    manager = PassManager(pipeline, verify=verify, keep_going=keep_going, hooks=hooks)
+    shape_specs = shapes if isinstance(shapes, dict) else parse_shapes(shapes)
+    dataset = load_npz(data) if isinstance(data, (str, os.PathLike)) else data
+    specs = input_specs(original)
+    unknown = [n for n in shape_specs if n not in {s.name for s in specs}]
+    if unknown:
+        from optimizer.errors import InputError
+
+        raise InputError(
+            f"--shapes names unknown input(s) {', '.join(unknown)}; model inputs: {', '.join(s.name for s in specs)}"
+        )
+    ctx = PassContext(input_shapes={n: s.opt for n, s in shape_specs.items()}, progress=progress)
+    if dataset is not None:
+        dataset.check(specs)
+        first = next(dataset.batches(specs, VERIFY_SAMPLES, limit=VERIFY_SAMPLES), None)
+        ctx.reference_inputs = first[0] if first else None
+    opset = next((o.version for o in original.opset_import if o.domain in ("", "ai.onnx")), 0)
+    report = Report(
+        model_path=str(source.path) if source.path else "<ModelProto>",
+        pipeline=manager.pipeline_text,
+        verify=verify,
+        original=model_stats(original),
+        opset=opset,
+        ir_version=original.ir_version,
+    )
+    try:
+        result = manager.run(original, ctx)
+    except PassError as exc:
+        report.status = "verification_failed"
+        report.error = str(exc)
+        report.passes = getattr(exc, "records", [])
+        report.total_time_s = time.perf_counter() - start
+        exc.report = report
+        raise
+    report.passes = result.records
+    report.warnings = list(result.warnings)
+    report.optimized = model_stats(result.model)
+    if evaluate_accuracy:
+        accuracy = evaluate(original, result.model, dataset, shape_specs, progress=progress)
+        report.accuracy = accuracy
+        report.warnings += [w for w in accuracy.warnings if w not in report.warnings]
+    if output is not None:
+        protect = (source.path,) if source.path else ()
+        report.output_path = str(save_model(result.model, output, protect=protect))
+    report.total_time_s = time.perf_counter() - start
+    return OptimizeResult(result.model, report)
+
+
+def default_output(model_path: str | os.PathLike) -> Path:
+    """Where ``optimize model.onnx`` writes when no ``-o`` is given."""
+    return default_output_path(Path(model_path))

@@ -1,0 +1,179 @@
+"""The ``optimize`` command.
+
+Exit codes: 0 success; 1 a pass failed verification or an accuracy bound was broken; 2 bad usage or
+bad input. User mistakes get one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import textwrap
+from pathlib import Path
+
+from optimizer.errors import OptimizerError, PassError
+
+log = logging.getLogger("optimizer")
+
+EXAMPLES = """\
+examples:
+  optimize model.onnx                                  # default preset, writes model.opt.onnx
+  optimize model.onnx -o out.onnx --passes "cleanup,fold-constants,fuse-conv-bn"
+  optimize model.onnx --data eval.npz --report report.md
+  optimize model.onnx --shapes input:1x3x224x224 --json
+  optimize --list-passes
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from optimizer.pipeline import PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="optimize",
+        description="Optimize an ONNX model for TensorRT and ONNX Runtime with verified passes.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", nargs="?", help="input ONNX model (never modified)")
+    parser.add_argument("-o", "--output", help="output model (default: <model>.opt.onnx beside the input)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--passes", metavar="TEXT", help='pipeline text, e.g. "cleanup,fold-constants,fuse-conv-bn"')
+    group.add_argument("--preset", choices=sorted(PRESETS), help="named pipeline (default: default)")
+    parser.add_argument("--data", metavar="X.npz", help="evaluation data: arrays by input name, optional 'labels'")
+    parser.add_argument(
+        "--shapes", action="append", metavar="NAME:DIMS",
+        help="shape for a dynamic input, e.g. input:1x3x224x224 (or name:min/opt/max); repeatable",
+    )
+    parser.add_argument("--verify", choices=("numeric", "structural", "off"), default="numeric",
+                        help="check after every pass (default: numeric)")
+    parser.add_argument("--keep-going", action="store_true", help="roll back a pass that fails verification and go on")
+    parser.add_argument("--no-eval", action="store_true", help="skip the accuracy evaluation at the end")
+    parser.add_argument("--report", action="append", metavar="FILE", help="write the report (.json or .md); repeatable")
+    parser.add_argument("--json", action="store_true", help="print the JSON report on stdout and nothing else")
+    parser.add_argument("--list-passes", action="store_true", help="list the passes with their help and exit")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    return parser
+
+
+def list_passes() -> str:
+    from optimizer.pipeline import PRESETS
+    from optimizer.registry import available_passes
+
+    out = []
+    for name, cls in available_passes().items():
+        options = ", ".join(
+            f"{f.name}={f.default!r}" for f in cls.option_fields() if f.default is not __import__("dataclasses").MISSING
+        )
+        out.append(f"{name}{' (lossy)' if cls.lossy else ''}" + (f"  [{options}]" if options else ""))
+        out.append(textwrap.indent(textwrap.dedent(cls.__doc__ or "").strip(), "    "))
+        out.append("")
+    out.append("presets:")
+    out += [f"  {k}: {v or '(empty)'}" for k, v in PRESETS.items()]
+    return "\n".join(out)
+
+
+def _progress_factory(enabled: bool):
+    """Progress bars on stderr for long work; silent with --json or when not a terminal."""
+    if not enabled:
+        return None
+    from rich.progress import Progress
+
+    def factory(description: str, total: int | None):
+        progress = Progress(transient=True)
+        progress.start()
+        task = progress.add_task(description, total=total)
+
+        def advance(n: int = 1) -> None:
+            progress.advance(task, n)
+            if total is not None and progress.tasks[0].completed >= total:
+                progress.stop()
+
+        return advance
+
+    return factory
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``optimize`` command; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed usage; normalise the code to 2
+        return 0 if exc.code == 0 else 2
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not args.verbose:
+        logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
+        _quiet_graphsurgeon()
+    if args.list_passes:
+        print(list_passes())
+        return 0
+    if not args.model:
+        parser.print_usage(sys.stderr)
+        print("optimize: error: a model file is required (or --list-passes)", file=sys.stderr)
+        return 2
+    try:
+        return _run(args)
+    except OptimizerError as exc:
+        print(f"optimize: error: {exc}", file=sys.stderr)
+        report = getattr(exc, "report", None)
+        if report is not None:
+            _emit_report(report, args)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("optimize: interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_graphsurgeon() -> None:
+    try:
+        from onnx_graphsurgeon.logger import G_LOGGER
+
+        G_LOGGER.severity = G_LOGGER.ERROR
+    except Exception:  # pragma: no cover - logger layout differs between versions
+        pass
+
+
+def _run(args: argparse.Namespace) -> int:
+    from optimizer.api import default_output, optimize
+
+    pipeline = args.passes if args.passes is not None else (args.preset or "default")
+    output = Path(args.output) if args.output else default_output(args.model)
+    interactive = not args.json and sys.stderr.isatty()
+    try:
+        result = optimize(
+            args.model,
+            pipeline,
+            output=output,
+            data=args.data,
+            shapes=args.shapes,
+            verify=args.verify,
+            keep_going=args.keep_going,
+            evaluate_accuracy=not args.no_eval,
+            progress=_progress_factory(interactive),
+        )
+    except PassError:
+        raise
+    _emit_report(result.report, args)
+    return 0
+
+
+def _emit_report(report, args: argparse.Namespace) -> None:
+    for path in args.report or []:
+        report.save(path)
+    if args.json:
+        print(report.to_json())
+    else:
+        from rich.console import Console
+
+        report.print_table(Console(highlight=False))
+        if report.output_path:
+            print(f"wrote {report.output_path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

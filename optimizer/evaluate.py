@@ -1,0 +1,104 @@
+"""Evaluation: run the original and optimized models on the same data and measure agreement."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from calibration.data import ArrayData, ShapeSpec, synthetic_inputs
+from optimizer.metrics import OutputAccumulator, OutputMetrics
+from optimizer.runtime import OrtRunner, input_specs
+
+
+@dataclass
+class TaskAccuracy:
+    """Top-1 accuracy against labels (argmax over the last axis of the first output), in percent."""
+
+    output: str
+    original: float
+    optimized: float
+
+    @property
+    def drop(self) -> float:
+        """Accuracy points lost (negative: the optimized model is better)."""
+        return self.original - self.optimized
+
+    def to_dict(self) -> dict:
+        return {"output": self.output, "original": self.original, "optimized": self.optimized, "drop": self.drop}
+
+
+@dataclass
+class AccuracyReport:
+    """Agreement of the optimized model with the original on the user's (or synthetic) data."""
+
+    data_source: str
+    synthetic: bool
+    samples: int
+    outputs: list[OutputMetrics] = field(default_factory=list)
+    task: TaskAccuracy | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "data_source": self.data_source,
+            "synthetic": self.synthetic,
+            "samples": self.samples,
+            "outputs": {m.name: m.to_dict() for m in self.outputs},
+            "task": self.task.to_dict() if self.task else None,
+            "warnings": list(self.warnings),
+        }
+
+
+def evaluate(
+    original: onnx.ModelProto,
+    optimized: onnx.ModelProto,
+    data: ArrayData | None = None,
+    shapes: dict[str, ShapeSpec] | None = None,
+    *,
+    batch_size: int = 32,
+    progress: Callable[[str, int | None], Callable[..., None]] | None = None,
+) -> AccuracyReport:
+    """Stream ``data`` through both models batch by batch; memory does not grow with samples."""
+    specs = input_specs(original)
+    ref_runner = OrtRunner(original)
+    new_runner = OrtRunner(optimized)
+    warnings: list[str] = []
+    if data is None:
+        feeds = synthetic_inputs(specs, shapes or {}, seed=1, warnings=warnings)
+        batches = [(feeds, None)]
+        samples = next(iter(feeds.values())).shape[0] if feeds and next(iter(feeds.values())).ndim else 1
+        report = AccuracyReport("synthetic", True, samples, warnings=warnings)
+    else:
+        data.check(specs)
+        batches = data.batches(specs, batch_size)
+        report = AccuracyReport(data.source, False, 0, warnings=data.warnings)
+    accumulators = {name: OutputAccumulator(name) for name in ref_runner.output_names}
+    first = ref_runner.output_names[0]
+    correct_ref = correct_new = labelled = 0
+    advance = progress("evaluating", data.num_samples if data is not None else None) if progress else None
+    for feeds, labels in batches:
+        ref = ref_runner.run(feeds)
+        new = new_runner.run(feeds)
+        for name, acc in accumulators.items():
+            acc.update(ref[name], new[name])
+        if labels is not None and ref[first].ndim >= 2:
+            rows = labels.shape[0]
+            ref_top = np.argmax(ref[first].reshape(rows, -1), axis=-1)
+            new_top = np.argmax(new[first].reshape(rows, -1), axis=-1)
+            correct_ref += int(np.count_nonzero(ref_top == labels))
+            correct_new += int(np.count_nonzero(new_top == labels))
+            labelled += rows
+        if data is not None:
+            batch = next(iter(feeds.values())).shape[0]
+            report.samples += batch
+            if advance:
+                advance(batch)
+    report.outputs = [acc.result() for acc in accumulators.values()]
+    if labelled:
+        report.task = TaskAccuracy(first, 100.0 * correct_ref / labelled, 100.0 * correct_new / labelled)
+    return report
+
+

@@ -1,0 +1,211 @@
+"""The pass manager: runs a pipeline over a model, calling hooks before and after every pass.
+
+Timing, size statistics and verification are hooks (``optimizer.hooks``), so the manager itself only
+sequences passes, runs fixed-point groups, and rolls back a failing pass when asked to keep going.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from optimizer.errors import PassError, VerificationError
+from optimizer.io import pin_ir_version
+from optimizer.metrics import OutputMetrics
+from optimizer.pass_base import Pass, PassContext, PassResult
+from optimizer.pipeline import FixedPoint, Step, coerce_pipeline, format_pipeline
+from optimizer.stats import ModelStats
+
+log = logging.getLogger(__name__)
+
+VerifyMode = Literal["numeric", "structural", "off"]
+
+
+@dataclass
+class PassRecord:
+    """What happened in one run of one pass (one entry per fixed-point iteration)."""
+
+    name: str
+    spec: str
+    iteration: int = 0
+    changed: bool = False
+    stats: dict[str, int | float] = field(default_factory=dict)
+    time_s: float = 0.0
+    before: ModelStats | None = None
+    after: ModelStats | None = None
+    verification: str = "off"  # passed | failed | skipped | off | unchanged
+    verification_detail: str = ""
+    outputs: list[OutputMetrics] = field(default_factory=list)
+    rolled_back: bool = False
+    error: str = ""
+
+
+@dataclass
+class PassEvent:
+    """Handed to hooks. ``after`` is None before the pass and when the pass changed nothing."""
+
+    pass_: Pass
+    record: PassRecord
+    before: onnx.ModelProto
+    ctx: PassContext
+    after: onnx.ModelProto | None = None
+    result: PassResult | None = None
+    passes_before: tuple[str, ...] = ()
+
+
+class Hook:
+    """Instrumentation around each pass. Raising from ``after_pass`` fails the pass."""
+
+    def start(self, model: onnx.ModelProto, ctx: PassContext) -> None:
+        """Called once with the original model before the pipeline runs."""
+
+    def before_pass(self, event: PassEvent) -> None:
+        """Called before ``event.pass_`` runs."""
+
+    def after_pass(self, event: PassEvent) -> None:
+        """Called after the pass ran and the graph was cleaned up, sorted and exported."""
+
+
+@dataclass
+class RunResult:
+    """The optimized model, one record per pass run, and warnings worth reporting."""
+
+    model: onnx.ModelProto
+    records: list[PassRecord]
+    pipeline: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def graph_to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """Export ``graph`` keeping ``template``'s model-level fields and a runnable IR version."""
+    model = gs.export_onnx(graph)
+    model.ir_version = template.ir_version
+    for name in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(model, name, getattr(template, name))
+    del model.metadata_props[:]
+    model.metadata_props.extend(template.metadata_props)
+    pin_ir_version(model, template.ir_version)
+    return model
+
+
+class PassManager:
+    """Run a pipeline of passes, verifying after each one.
+
+    ``pipeline``: text (``"cleanup,fuse-conv-bn"``), a preset name, or a list of passes/text.
+    ``verify``: ``numeric`` (ONNX Runtime before/after on the same inputs), ``structural`` (onnx
+    checker with shape inference) or ``off``. ``keep_going``: roll a failing pass back and go on.
+    """
+
+    def __init__(
+        self,
+        pipeline: str | Step | list[Step | str] | None = "default",
+        *,
+        verify: VerifyMode = "numeric",
+        keep_going: bool = False,
+        hooks: list[Hook] | None = None,
+    ):
+        from optimizer.hooks import StatsHook, TimingHook, VerifyHook
+
+        self.steps = coerce_pipeline(pipeline)
+        self.verify = verify
+        self.keep_going = keep_going
+        builtin: list[Hook] = [TimingHook(), StatsHook()]
+        if verify != "off":
+            builtin.append(VerifyHook(verify))
+        self.hooks = builtin + list(hooks or [])
+
+    @property
+    def pipeline_text(self) -> str:
+        return format_pipeline(self.steps)
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> RunResult:
+        """Run the pipeline on a copy of ``model``; the input proto is never modified."""
+        ctx = ctx or PassContext()
+        current = onnx.ModelProto()
+        current.CopyFrom(model)
+        if not ctx.opset:
+            ctx.opset = next((o.version for o in current.opset_import if o.domain in ("", "ai.onnx")), 0)
+        state = _RunState(current, [], [])
+        for hook in self.hooks:
+            hook.start(current, ctx)
+            state.warnings.extend(getattr(hook, "warnings", []))
+        self._run_steps(self.steps, state, ctx, iteration=0)
+        for hook in self.hooks:
+            for warning in getattr(hook, "warnings", []):
+                if warning not in state.warnings:
+                    state.warnings.append(warning)
+        return RunResult(state.model, state.records, self.pipeline_text, state.warnings)
+
+    def _run_steps(self, steps: list[Step], state: _RunState, ctx: PassContext, iteration: int) -> bool:
+        changed_any = False
+        for step in steps:
+            if isinstance(step, FixedPoint):
+                for i in range(step.max_iterations):
+                    if not self._run_steps(step.steps, state, ctx, iteration=i):
+                        break
+                    changed_any = True
+                else:
+                    state.warnings.append(
+                        f"fixpoint({format_pipeline(step.steps)}) did not converge in {step.max_iterations} rounds"
+                    )
+            else:
+                changed_any |= self._run_pass(step, state, ctx, iteration)
+        return changed_any
+
+    def _run_pass(self, p: Pass, state: _RunState, ctx: PassContext, iteration: int) -> bool:
+        record = PassRecord(p.name, p.spec(), iteration)
+        event = PassEvent(p, record, state.model, ctx, passes_before=tuple(r.spec for r in state.records))
+        state.records.append(record)
+        try:
+            for hook in self.hooks:
+                hook.before_pass(event)
+            graph = gs.import_onnx(state.model)
+            result = p.run(graph, ctx)
+            if not isinstance(result, PassResult):
+                raise TypeError(f"{type(p).__name__}.run must return a PassResult, got {type(result).__name__}")
+            event.result = result
+            record.changed = result.changed
+            record.stats = dict(result.stats)
+            if result.changed:
+                graph.cleanup(remove_unused_graph_inputs=False).toposort()
+                event.after = graph_to_model(graph, state.model)
+            for hook in self.hooks:
+                hook.after_pass(event)
+        except Exception as exc:
+            record.error = _one_line(exc)
+            if isinstance(exc, VerificationError):
+                record.verification = "failed"
+            before = ", ".join(event.passes_before) or "none"
+            if self.keep_going:
+                record.rolled_back = True
+                record.changed = False
+                log.warning("pass '%s' failed and was rolled back: %s", p.name, record.error)
+                state.warnings.append(f"pass '{p.spec()}' rolled back: {record.error}")
+                return False
+            message = f"pass '{p.spec()}' failed: {record.error} (passes before it: {before})"
+            if isinstance(exc, VerificationError):
+                error: PassError = VerificationError(message, p.name, event.passes_before, exc.output_name)
+            else:
+                error = PassError(message, p.name, event.passes_before)
+            error.records = state.records
+            raise error from exc
+        if event.after is not None:
+            state.model = event.after
+            return True
+        return False
+
+
+@dataclass
+class _RunState:
+    model: onnx.ModelProto
+    records: list[PassRecord]
+    warnings: list[str]
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:500]

@@ -1,0 +1,132 @@
+"""Comparing outputs: max/mean absolute error, cosine similarity, argmax agreement, task accuracy.
+
+Accumulators are streaming: evaluation feeds them batch by batch, so memory does not grow with
+the number of samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from optimizer.pass_base import Tolerance
+
+
+@dataclass
+class OutputMetrics:
+    """Agreement of one output with the reference (the original model's output)."""
+
+    name: str
+    max_abs: float
+    mean_abs: float
+    max_ref: float  # largest |reference| value, the scale errors are judged against
+    cosine: float | None  # None for non-float outputs
+    argmax_agreement: float | None  # fraction of rows whose argmax (last axis) agrees
+    mismatch: float  # fraction of elements that differ (integer/bool outputs) or are non-finite only on one side
+    elements: int
+
+    @property
+    def max_rel(self) -> float:
+        """Largest absolute error relative to the output's largest magnitude."""
+        return self.max_abs / self.max_ref if self.max_ref > 0 else (0.0 if self.max_abs == 0 else float("inf"))
+
+    def within(self, tol: Tolerance) -> bool:
+        """Whether this output satisfies ``tol`` (see ``Tolerance``)."""
+        if self.cosine is None:  # integer/bool output
+            return self.mismatch <= tol.max_mismatch
+        return (
+            self.mismatch <= tol.max_mismatch
+            and self.max_abs <= tol.atol + tol.rtol * self.max_ref
+            and (tol.min_cosine is None or self.cosine >= tol.min_cosine)
+        )
+
+    def describe(self) -> str:
+        parts = [f"max abs err {self.max_abs:.3g}", f"rel {self.max_rel:.3g}"]
+        if self.cosine is not None:
+            parts.append(f"cosine {self.cosine:.6f}")
+        if self.mismatch:
+            parts.append(f"mismatch {self.mismatch:.2%}")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["max_rel"] = self.max_rel
+        return d
+
+
+class OutputAccumulator:
+    """Streams batches of (reference, candidate) for one output and yields ``OutputMetrics``."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.max_abs = 0.0
+        self.sum_abs = 0.0
+        self.max_ref = 0.0
+        self.dot = self.ref_sq = self.new_sq = 0.0
+        self.rows = self.rows_agree = 0
+        self.mismatched = 0
+        self.elements = 0
+        self.is_float = True
+
+    def update(self, ref: np.ndarray, new: np.ndarray) -> None:
+        ref = np.asarray(ref)
+        new = np.asarray(new)
+        if ref.shape != new.shape:
+            raise ValueError(f"output '{self.name}' changed shape: {ref.shape} -> {new.shape}")
+        self.elements += ref.size
+        if ref.size == 0:
+            return
+        if not np.issubdtype(ref.dtype, np.floating):
+            self.is_float = False
+            self.mismatched += int(np.count_nonzero(ref != new))
+            return
+        r = ref.astype(np.float64).ravel()
+        n = new.astype(np.float64).ravel()
+        finite = np.isfinite(r) & np.isfinite(n)
+        same_nonfinite = ~finite & ((r == n) | (np.isnan(r) & np.isnan(n)))
+        self.mismatched += int(np.count_nonzero(~finite & ~same_nonfinite))
+        diff = np.abs(r[finite] - n[finite])
+        if diff.size:
+            self.max_abs = max(self.max_abs, float(diff.max()))
+            self.sum_abs += float(diff.sum())
+            self.max_ref = max(self.max_ref, float(np.abs(r[finite]).max()))
+            self.dot += float(np.dot(r[finite], n[finite]))
+            self.ref_sq += float(np.dot(r[finite], r[finite]))
+            self.new_sq += float(np.dot(n[finite], n[finite]))
+        if ref.ndim >= 2 and ref.shape[-1] > 1:
+            ra = np.argmax(ref.reshape(-1, ref.shape[-1]), axis=-1)
+            na = np.argmax(new.reshape(-1, new.shape[-1]), axis=-1)
+            self.rows += ra.size
+            self.rows_agree += int(np.count_nonzero(ra == na))
+
+    def result(self) -> OutputMetrics:
+        if not self.is_float:
+            mismatch = self.mismatched / self.elements if self.elements else 0.0
+            return OutputMetrics(self.name, 0.0, 0.0, 0.0, None, None, mismatch, self.elements)
+        denom = np.sqrt(self.ref_sq) * np.sqrt(self.new_sq)
+        if denom > 0:
+            cosine = float(self.dot / denom)
+        else:
+            cosine = 1.0 if self.ref_sq == self.new_sq else 0.0
+        mean_abs = self.sum_abs / self.elements if self.elements else 0.0
+        agreement = self.rows_agree / self.rows if self.rows else None
+        mismatch = self.mismatched / self.elements if self.elements else 0.0
+        return OutputMetrics(self.name, self.max_abs, mean_abs, self.max_ref, cosine, agreement, mismatch, self.elements)
+
+
+def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> list[OutputMetrics]:
+    """Metrics for every output of ``reference`` (in its order)."""
+    results = []
+    for name, ref in reference.items():
+        acc = OutputAccumulator(name)
+        if name not in candidate:
+            raise ValueError(f"output '{name}' is missing from the transformed model")
+        acc.update(ref, candidate[name])
+        results.append(acc.result())
+    return results
+
+
+def first_violation(metrics: list[OutputMetrics], tol: Tolerance) -> OutputMetrics | None:
+    """The first output that breaks ``tol``, or None."""
+    return next((m for m in metrics if not m.within(tol)), None)

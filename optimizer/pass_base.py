@@ -1,0 +1,108 @@
+"""The pass contract: ``Pass``, ``PassResult``, ``PassContext`` and verification tolerances."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How close a transformed model's outputs must stay to the original's.
+
+    A float output passes when ``max|new - ref| <= atol + rtol * max|ref|`` (error relative to the
+    output's largest magnitude, so near-zero elements do not dominate) and, if ``min_cosine`` is set,
+    when the cosine similarity of the flattened outputs is at least ``min_cosine``. Integer and
+    boolean outputs must match exactly unless ``max_mismatch`` allows a fraction of elements to differ.
+    """
+
+    rtol: float = 1e-5
+    atol: float = 1e-6
+    min_cosine: float | None = None
+    max_mismatch: float = 0.0
+
+
+#: Lossless passes: equal up to float rounding of folded constants.
+EXACT = Tolerance()
+
+
+@dataclass
+class PassResult:
+    """What a pass did: whether it changed the graph, and counts for the report."""
+
+    changed: bool
+    stats: dict[str, int | float] = field(default_factory=dict)
+
+
+@dataclass
+class PassContext:
+    """What passes share. Passes never read global state or the command line.
+
+    ``input_shapes``: concrete shapes for dynamic inputs (from ``--shapes``).
+    ``reference_inputs``: one batch of inputs for numeric checks a pass wants to run itself.
+    ``calibration``: a calibration data source (quantization passes).
+    ``progress``: ``progress(description, total)`` returns a callable ``advance(n=1)``.
+    """
+
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    reference_inputs: dict[str, np.ndarray] | None = None
+    calibration: Any = None
+    precision: str = "fp32"
+    progress: Callable[[str, int | None], Callable[..., None]] | None = None
+    opset: int = 0
+
+    def progress_bar(self, description: str, total: int | None = None) -> Callable[..., None]:
+        """A progress callback; a no-op when nobody listens."""
+        if self.progress is None:
+            return lambda n=1: None
+        return self.progress(description, total)
+
+
+class Pass:
+    """Base class of every pass.
+
+    Subclasses are dataclasses: their fields are the pass options, so ``prune(ratio=0.3)`` in a text
+    pipeline and ``Prune(ratio=0.3)`` in Python mean the same thing. ``run`` mutates the graph in
+    place and returns a ``PassResult``; the manager cleans up, sorts and verifies afterwards.
+    """
+
+    name: ClassVar[str] = ""
+    lossy: ClassVar[bool] = False
+    tolerance: ClassVar[Tolerance] = EXACT
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- options ---------------------------------------------------------------------------
+    @classmethod
+    def option_fields(cls) -> list[dataclasses.Field]:
+        """The options this pass accepts (its dataclass fields)."""
+        return list(dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else []
+
+    def options(self) -> dict[str, Any]:
+        """Options that differ from their defaults, in declaration order."""
+        out = {}
+        for f in self.option_fields():
+            value = getattr(self, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
+            )
+            if value != default:
+                out[f.name] = value
+        return out
+
+    def spec(self) -> str:
+        """This pass as pipeline text, e.g. ``fold-constants(size_limit=1024)``."""
+        from optimizer.pipeline import format_pass
+
+        return format_pass(self)
+
+    def __str__(self) -> str:
+        return self.spec()

@@ -1,0 +1,230 @@
+"""One ``Report`` per run, rendered as JSON (stable keys, for CI), Markdown, or a terminal table."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from optimizer.evaluate import AccuracyReport
+from optimizer.manager import PassRecord
+from optimizer.stats import ModelStats
+
+SCHEMA = "onnx-trt-optimizer/report/v1"
+
+
+def _ratio(before: int, after: int) -> float | None:
+    return round(before / after, 4) if after else None
+
+
+@dataclass
+class Report:
+    """Everything one run did: pipeline, per-pass records, sizes, accuracy, warnings."""
+
+    model_path: str
+    pipeline: str
+    verify: str
+    original: ModelStats
+    optimized: ModelStats | None = None
+    output_path: str | None = None
+    passes: list[PassRecord] = field(default_factory=list)
+    accuracy: AccuracyReport | None = None
+    warnings: list[str] = field(default_factory=list)
+    status: str = "ok"  # ok | verification_failed | accuracy_failed | error
+    error: str = ""
+    total_time_s: float = 0.0
+    opset: int = 0
+    ir_version: int = 0
+
+    # -- derived -----------------------------------------------------------------------------
+    @property
+    def compression_bytes(self) -> float | None:
+        return _ratio(self.original.model_bytes, self.optimized.model_bytes) if self.optimized else None
+
+    @property
+    def compression_params(self) -> float | None:
+        return _ratio(self.original.params, self.optimized.params) if self.optimized else None
+
+    # -- JSON --------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        from optimizer import __version__
+
+        opt = self.optimized or self.original
+        return {
+            "schema": SCHEMA,
+            "tool_version": __version__,
+            "status": self.status,
+            "error": self.error,
+            "model": {"path": self.model_path, "opset": self.opset, "ir_version": self.ir_version},
+            "output": {"path": self.output_path},
+            "pipeline": self.pipeline,
+            "verify": self.verify,
+            "summary": {
+                "nodes": {"before": self.original.nodes, "after": opt.nodes},
+                "initializers": {"before": self.original.initializers, "after": opt.initializers},
+                "params": {"before": self.original.params, "after": opt.params},
+                "weight_bytes": {"before": self.original.weight_bytes, "after": opt.weight_bytes},
+                "model_bytes": {"before": self.original.model_bytes, "after": opt.model_bytes},
+                "compression": {"bytes": self.compression_bytes, "params": self.compression_params},
+                "time_s": round(self.total_time_s, 4),
+            },
+            "passes": [_pass_dict(r) for r in self.passes],
+            "accuracy": self.accuracy.to_dict() if self.accuracy else None,
+            "warnings": list(self.warnings),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=_json_default)
+
+    # -- Markdown ----------------------------------------------------------------------------
+    def to_markdown(self) -> str:
+        d = self.to_dict()
+        s = d["summary"]
+        lines = [
+            f"# Optimization report: `{Path(self.model_path).name}`",
+            "",
+            f"- status: **{self.status}**" + (f" — {self.error}" if self.error else ""),
+            f"- pipeline: `{self.pipeline or '(empty)'}`",
+            f"- verification: {self.verify}",
+            f"- output: `{self.output_path or '(not saved)'}`",
+            "",
+            "| | before | after | rate |",
+            "|---|---:|---:|---:|",
+            f"| nodes | {s['nodes']['before']} | {s['nodes']['after']} | |",
+            f"| parameters | {s['params']['before']:,} | {s['params']['after']:,} | {_x(s['compression']['params'])} |",
+            f"| model bytes | {s['model_bytes']['before']:,} | {s['model_bytes']['after']:,} | {_x(s['compression']['bytes'])} |",
+            "",
+            "## Passes",
+            "",
+            "| pass | iter | changed | nodes | bytes | time (ms) | verification | stats |",
+            "|---|---:|---|---|---|---:|---|---|",
+        ]
+        for p in d["passes"]:
+            stats = ", ".join(f"{k}={v}" for k, v in p["stats"].items() if v)
+            verification = p["verification"] + (" (rolled back)" if p["rolled_back"] else "")
+            lines.append(
+                f"| `{p['spec']}` | {p['iteration']} | {'yes' if p['changed'] else 'no'} | "
+                f"{p['nodes_before']}→{p['nodes_after']} | {p['bytes_before']:,}→{p['bytes_after']:,} | "
+                f"{p['time_s'] * 1000:.1f} | {verification} | {stats} |"
+            )
+        if self.accuracy:
+            a = d["accuracy"]
+            kind = "synthetic inputs (not a real evaluation)" if a["synthetic"] else a["data_source"]
+            lines += ["", "## Accuracy vs the original", "", f"{a['samples']} sample(s) from {kind}.", ""]
+            lines += ["| output | max abs | mean abs | max rel | cosine | argmax agree |", "|---|---:|---:|---:|---:|---:|"]
+            for name, m in a["outputs"].items():
+                lines.append(
+                    f"| `{name}` | {m['max_abs']:.3g} | {m['mean_abs']:.3g} | {m['max_rel']:.3g} | "
+                    f"{_opt(m['cosine'], '.6f')} | {_opt(m['argmax_agreement'], '.2%')} |"
+                )
+            if a["task"]:
+                t = a["task"]
+                lines += [
+                    "",
+                    f"Task accuracy (`{t['output']}` vs labels): original {t['original']:.2f} %, "
+                    f"optimized {t['optimized']:.2f} %, drop {t['drop']:.2f} points.",
+                ]
+        if self.warnings:
+            lines += ["", "## Warnings", ""] + [f"- {w}" for w in self.warnings]
+        return "\n".join(lines) + "\n"
+
+    # -- terminal ----------------------------------------------------------------------------
+    def print_table(self, console=None) -> None:
+        """A compact summary for humans, using rich."""
+        from rich.console import Console
+        from rich.table import Table
+
+        console = console or Console(stderr=False)
+        d = self.to_dict()
+        table = Table(title=f"{Path(self.model_path).name}: {self.pipeline or '(empty pipeline)'}", title_justify="left")
+        for col, justify in (("pass", "left"), ("iter", "right"), ("nodes", "right"), ("bytes", "right"),
+                             ("ms", "right"), ("verified", "left"), ("stats", "left")):
+            table.add_column(col, justify=justify)
+        for p in d["passes"]:
+            if not p["changed"] and not p["error"] and p["iteration"] > 0:
+                continue  # fixed-point rounds that found nothing more
+            stats = ", ".join(f"{k}={v}" for k, v in p["stats"].items() if v)
+            verified = p["verification"] + (" ROLLED BACK" if p["rolled_back"] else "")
+            table.add_row(
+                p["spec"], str(p["iteration"]), f"{p['nodes_before']}→{p['nodes_after']}",
+                f"{p['bytes_before']:,}→{p['bytes_after']:,}", f"{p['time_s'] * 1000:.1f}", verified, stats,
+            )
+        console.print(table)
+        s = d["summary"]
+        console.print(
+            f"nodes {s['nodes']['before']} → {s['nodes']['after']}   "
+            f"params {s['params']['before']:,} → {s['params']['after']:,} ({_x(s['compression']['params'])})   "
+            f"bytes {s['model_bytes']['before']:,} → {s['model_bytes']['after']:,} "
+            f"(compression {_x(s['compression']['bytes'])})   time {s['time_s']:.2f} s"
+        )
+        if self.accuracy:
+            a = self.accuracy
+            source = "synthetic inputs" if a.synthetic else a.data_source
+            console.print(f"accuracy vs original on {a.samples} sample(s) from {source}:")
+            for m in a.outputs:
+                agree = f", argmax agreement {m.argmax_agreement:.2%}" if m.argmax_agreement is not None else ""
+                console.print(f"  {m.name}: {m.describe()}{agree}")
+            if a.task:
+                console.print(
+                    f"  task accuracy: original {a.task.original:.2f} %, optimized {a.task.optimized:.2f} % "
+                    f"(drop {a.task.drop:.2f} points)"
+                )
+        for w in self.warnings:
+            console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+        if self.status != "ok":
+            console.print(f"[red]{self.status}[/red]: {self.error}", highlight=False)
+
+    def save(self, path: str | Path) -> Path:
+        """Write JSON (``.json``) or Markdown (``.md``) by extension."""
+        from optimizer.io import write_text_atomic
+
+        path = Path(path)
+        if path.suffix.lower() == ".json":
+            write_text_atomic(path, self.to_json())
+        elif path.suffix.lower() in (".md", ".markdown"):
+            write_text_atomic(path, self.to_markdown())
+        else:
+            from optimizer.errors import InputError
+
+            raise InputError(f"unknown report format '{path.suffix}' for {path}; use .json or .md")
+        return path
+
+
+def _pass_dict(r: PassRecord) -> dict:
+    before = r.before or ModelStats(0, 0, 0, 0, 0)
+    after = r.after or before
+    return {
+        "name": r.name,
+        "spec": r.spec,
+        "iteration": r.iteration,
+        "changed": r.changed,
+        "stats": dict(r.stats),
+        "time_s": round(r.time_s, 6),
+        "nodes_before": before.nodes,
+        "nodes_after": after.nodes,
+        "params_before": before.params,
+        "params_after": after.params,
+        "bytes_before": before.model_bytes,
+        "bytes_after": after.model_bytes,
+        "compression_bytes": _ratio(before.model_bytes, after.model_bytes),
+        "verification": r.verification,
+        "verification_detail": r.verification_detail,
+        "rolled_back": r.rolled_back,
+        "error": r.error,
+    }
+
+
+def _x(value: float | None) -> str:
+    return f"{value:.3f}x" if value else "n/a"
+
+
+def _opt(value, spec: str) -> str:
+    return format(value, spec) if value is not None else "n/a"
+
+
+def _json_default(obj):
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")

@@ -1,0 +1,121 @@
+"""ONNX Runtime on the CPU: the reference runtime for verification, evaluation and calibration."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from optimizer.errors import InputError
+from optimizer.io import EXTERNAL_DATA_THRESHOLD, model_on_disk, weights_nbytes
+
+log = logging.getLogger(__name__)
+
+
+def import_onnxruntime():
+    """onnxruntime, with its C++ warnings (printed straight to stderr) turned down to errors."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+    return ort
+
+
+class RuntimeFailure(InputError):
+    """ONNX Runtime could not load or run a model."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A graph input: name, numpy dtype and shape (ints for static dims, str/None for dynamic)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...] | None
+
+    @property
+    def is_dynamic(self) -> bool:
+        return self.shape is None or any(not isinstance(d, int) for d in self.shape)
+
+
+def _dims(value_type: onnx.TypeProto) -> tuple[int | str | None, ...] | None:
+    tensor = value_type.tensor_type
+    if not tensor.HasField("shape"):
+        return None
+    dims: list[int | str | None] = []
+    for d in tensor.shape.dim:
+        if d.HasField("dim_value") and d.dim_value > 0:
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return tuple(dims)
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The inputs a caller must feed (initializer-backed inputs of IR < 4 models excluded)."""
+    initializers = {t.name for t in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor = value.type.tensor_type
+        if not value.type.HasField("tensor_type"):
+            raise InputError(f"input '{value.name}' is not a tensor (sequence/map/optional inputs are not supported)")
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+        specs.append(InputSpec(value.name, dtype, _dims(value.type)))
+    return specs
+
+
+def output_names(model: onnx.ModelProto) -> list[str]:
+    return [o.name for o in model.graph.output]
+
+
+class OrtRunner:
+    """Runs a ``ModelProto`` in ONNX Runtime on the CPU.
+
+    Graph optimizations are off by default so that what we verify is our graph, not ONNX
+    Runtime's rewrite of it; ``optimize=True`` turns them on (for latency measurements).
+    """
+
+    def __init__(self, model: onnx.ModelProto, *, optimize: bool = False, threads: int = 0):
+        ort = import_onnxruntime()
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = (
+            ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        )
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        self.output_names = output_names(model)
+        try:
+            if weights_nbytes(model) > EXTERNAL_DATA_THRESHOLD:
+                with model_on_disk(model) as path:
+                    self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            else:
+                self.session = ort.InferenceSession(
+                    model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+                )
+        except Exception as exc:  # onnxruntime raises several unrelated types
+            raise RuntimeFailure(f"ONNX Runtime cannot load the model: {_first_line(exc)}") from None
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run on ``feeds`` (extra keys ignored); return outputs by name."""
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise InputError(f"no data for model input(s) {', '.join(missing)}; give them in --data or --shapes")
+        try:
+            values = self.session.run(self.output_names, {n: feeds[n] for n in self.input_names})
+        except Exception as exc:
+            raise RuntimeFailure(f"ONNX Runtime failed to run the model: {_first_line(exc)}") from None
+        return dict(zip(self.output_names, values))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split())[:400]

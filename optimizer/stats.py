@@ -1,0 +1,76 @@
+"""Size statistics of a model: nodes, parameters and bytes, counted through subgraphs."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """Counts that the report compares before and after each pass."""
+
+    nodes: int
+    initializers: int
+    params: int  # elements in initializers and Constant nodes
+    weight_bytes: int  # bytes of those elements
+    model_bytes: int  # serialized size (weights included)
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def _tensor_elements_and_bytes(tensor: onnx.TensorProto) -> tuple[int, int]:
+    elements = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+    if tensor.HasField("raw_data"):
+        return elements, len(tensor.raw_data)
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        length = next((int(e.value) for e in tensor.external_data if e.key == "length"), 0)
+        return elements, length
+    itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize if tensor.data_type else 0
+    return elements, elements * itemsize
+
+
+def iter_graphs(graph: onnx.GraphProto):
+    """Yield ``graph`` and every subgraph (If/Loop/Scan bodies) inside it."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from iter_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from iter_graphs(sub)
+
+
+def op_histogram(model: onnx.ModelProto) -> Counter:
+    """How many nodes of each op type, subgraphs included."""
+    return Counter(node.op_type for g in iter_graphs(model.graph) for node in g.node)
+
+
+def model_stats(model: onnx.ModelProto) -> ModelStats:
+    """Count nodes, initializers, parameters and bytes of ``model``."""
+    nodes = initializers = params = weight_bytes = 0
+    for graph in iter_graphs(model.graph):
+        nodes += len(graph.node)
+        for tensor in graph.initializer:
+            initializers += 1
+            n, b = _tensor_elements_and_bytes(tensor)
+            params += n
+            weight_bytes += b
+        for node in graph.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                for attr in node.attribute:
+                    if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                        n, b = _tensor_elements_and_bytes(attr.t)
+                        params += n
+                        weight_bytes += b
+    try:
+        model_bytes = model.ByteSize()
+    except Exception:  # protobuf refuses to size messages over 2 GB; weights dominate then
+        model_bytes = weight_bytes
+    return ModelStats(nodes, initializers, params, weight_bytes, model_bytes)

@@ -1,0 +1,5 @@
+"""Built-in passes. Importing this package registers them."""
+
+from passes import cleanup, fusion  # noqa: F401
+
+__all__ = ["cleanup", "fusion"]

@@ -1,0 +1,235 @@
+"""Graph cleanup and constant folding."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from optimizer.pass_base import Pass, PassContext, PassResult
+from optimizer.registry import register_pass
+from optimizer.runtime import import_onnxruntime
+from passes.graph_utils import QDQ_OPS, RANDOM_OPS, all_graphs, constant_values, is_default_domain, is_graph_output
+
+log = logging.getLogger(__name__)
+
+
+def _graph_size(graph: gs.Graph) -> tuple[int, int, int]:
+    nodes = sum(len(g.nodes) for g in all_graphs(graph))
+    tensors = sum(len(g.tensors()) for g in all_graphs(graph))
+    return nodes, tensors, len(graph.inputs)
+
+
+def _bypass(graph: gs.Graph, node: gs.Node) -> bool:
+    """Remove a node that passes its first input through unchanged; False if names forbid it.
+
+    ``y = Identity(x)``: readers of ``y`` read ``x`` instead. When ``y`` is a graph output its name
+    is part of the model's interface, so instead ``x``'s producer writes ``y`` directly -- possible
+    only when ``x`` is an ordinary intermediate tensor of this graph.
+    """
+    x, y = node.inputs[0], node.outputs[0]
+    if not is_graph_output(graph, y):
+        for consumer in list(y.outputs):
+            for i, t in enumerate(consumer.inputs):
+                if t is y:
+                    consumer.inputs[i] = x
+        node.outputs.clear()
+        node.inputs.clear()
+        return True
+    local = {id(n) for n in graph.nodes}
+    producer_ok = len(x.inputs) == 1 and id(x.inputs[0]) in local
+    if (
+        isinstance(x, gs.Variable)
+        and producer_ok
+        and not is_graph_output(graph, x)
+        and not any(t is x for t in graph.inputs)
+        and all(id(c) in local for c in x.outputs)
+        and x.dtype == y.dtype
+    ):
+        producer = x.inputs[0]
+        for consumer in list(x.outputs):
+            if consumer is node:
+                continue
+            for i, t in enumerate(consumer.inputs):
+                if t is x:
+                    consumer.inputs[i] = y
+        producer.outputs[producer.outputs.index(x)] = y
+        node.outputs.clear()
+        node.inputs.clear()
+        return True
+    return False
+
+
+def _dropout_is_identity(node: gs.Node) -> bool:
+    """Inference-mode Dropout: no mask read, and training_mode absent or constant false."""
+    if len(node.outputs) > 1 and node.outputs[1].outputs:
+        return False
+    if len(node.inputs) >= 3 and node.inputs[2].name:
+        mode = constant_values(node.inputs[2])
+        if mode is None or bool(mode.reshape(-1)[0]):
+            return False
+    return node.attrs.get("is_test", 1) != 0 or "is_test" not in node.attrs
+
+
+@register_pass
+@dataclass
+class Cleanup(Pass):
+    """Remove what does not contribute to the outputs.
+
+    - dead nodes and unused initializers (also inside If/Loop/Scan bodies);
+    - ``Identity`` nodes, and ``Dropout`` in inference mode (its mask unused, ``training_mode``
+      absent or constant false)::
+
+          x -> Identity -> y -> Conv      becomes      x -> Conv
+
+      When ``y`` is a graph output, its producer is renamed to write ``y`` instead, so output names
+      never change; if that is impossible (``x`` is a graph input or another output), the node stays;
+    - graph inputs no node reads (option ``remove_unused_inputs``; the model's interface changes,
+      so it is reported).
+
+    Options: ``remove_unused_inputs`` (default true).
+    """
+
+    name = "cleanup"
+    remove_unused_inputs: bool = True
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        before = _graph_size(graph)
+        identities = dropouts = kept = 0
+        for g in all_graphs(graph):
+            for node in list(g.nodes):
+                if not is_default_domain(node) or not node.inputs or not node.outputs:
+                    continue
+                if node.op == "Identity":
+                    if _bypass(g, node):
+                        identities += 1
+                    else:
+                        kept += 1
+                elif node.op == "Dropout" and _dropout_is_identity(node):
+                    while len(node.outputs) > 1:  # graphsurgeon's lists do not support slice deletion
+                        node.outputs.pop()
+                    if _bypass(g, node):
+                        dropouts += 1
+                    else:
+                        kept += 1
+        inputs_before = len(graph.inputs)
+        graph.cleanup(remove_unused_graph_inputs=self.remove_unused_inputs)
+        after = _graph_size(graph)
+        removed_nodes = before[0] - after[0]
+        stats = {
+            "identity_removed": identities,
+            "dropout_removed": dropouts,
+            "dead_nodes_removed": max(removed_nodes - identities - dropouts, 0),
+            "inputs_removed": inputs_before - len(graph.inputs),
+            "identity_kept": kept,
+        }
+        return PassResult(changed=after != before, stats=stats)
+
+
+#: Ops whose output can be much larger than their inputs (ConstantOfShape([1000,1000]) is 8 bytes
+#: in, 4 MB out). Folding them is how simplifiers inflate an 80 kB model to 100 MB.
+GROWING_OPS = frozenset(
+    {"ConstantOfShape", "Expand", "Tile", "Range", "Resize", "Upsample", "Pad", "OneHot", "EyeLike"}
+)
+
+
+#: Tensors this small (shapes, scalars, small biases) may always be materialized.
+SMALL_TENSOR_BYTES = 1024
+
+
+def _inferred_sizes(graph: gs.Graph) -> dict[str, int]:
+    """Bytes of every tensor whose shape and type shape inference can tell."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = min(model.ir_version, 10)
+    try:
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:  # shape inference may refuse custom ops; sizes stay unknown then
+        log.debug("shape inference failed: %s", exc)
+    sizes = {}
+    values = list(model.graph.value_info) + list(model.graph.output)
+    for value in values:
+        t = value.type.tensor_type
+        if not t.HasField("shape") or not t.elem_type:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
+        if any(d < 0 for d in dims):
+            continue
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).itemsize
+        sizes[value.name] = int(np.prod(dims, dtype=np.int64)) * itemsize
+    return sizes
+
+
+def _constant_bytes(tensor: gs.Tensor) -> int:
+    if isinstance(tensor, gs.Constant):
+        return int(np.prod(tensor.shape, dtype=np.int64)) * np.dtype(tensor.dtype).itemsize
+    return 0
+
+
+@register_pass
+@dataclass
+class FoldConstants(Pass):
+    """Evaluate subgraphs whose inputs are all constant and replace them by their values.
+
+    Uses onnx-graphsurgeon's folding (evaluated in ONNX Runtime), including shape folding where
+    shapes are static, and inlines ``If`` nodes whose condition is constant. It refuses to fold:
+
+    - ``QuantizeLinear`` / ``DequantizeLinear``: quantized weights stay quantized (folding a
+      ``DequantizeLinear`` of INT8 weights would turn them back into float and lose the Q/DQ pair
+      TensorRT needs);
+    - random ops (their value changes every run);
+    - any node whose outputs would be more than ``max_growth`` times the bytes of its constant
+      inputs (beyond a 1 KiB allowance for shape-sized tensors). ``ConstantOfShape``, ``Expand``,
+      ``Tile`` ... whose output size shape inference cannot tell are never folded. This is what
+      keeps a model that generates its weights at run time at its size, where other simplifiers
+      inflate an 80 kB model to 100 MB. Refused folds are counted in the stats.
+
+    Options: ``max_growth`` (default 2.0: a Cast from float16 to float32 folds, a
+    ``ConstantOfShape`` that materializes megabytes does not), ``fold_shapes`` (default true).
+    """
+
+    name = "fold-constants"
+    max_growth: float = 2.0
+    fold_shapes: bool = True
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        import_onnxruntime()  # graphsurgeon evaluates in ONNX Runtime; keep its C++ warnings quiet
+        sizes = _inferred_sizes(graph)
+        refused = {"qdq": 0, "random": 0, "size": 0}
+
+        def exclude(node: gs.Node) -> bool:
+            if node.op in QDQ_OPS:
+                refused["qdq"] += 1
+                return True
+            if node.op in RANDOM_OPS:
+                refused["random"] += 1
+                return True
+            out_bytes = [sizes.get(t.name) for t in node.outputs]
+            if any(b is None for b in out_bytes):
+                if node.op in GROWING_OPS:
+                    refused["size"] += 1
+                    return True
+                return False
+            in_bytes = sum(_constant_bytes(t) for t in node.inputs)
+            if sum(out_bytes) > max(SMALL_TENSOR_BYTES, self.max_growth * in_bytes):
+                refused["size"] += 1
+                return True
+            return False
+
+        before = sum(len(g.nodes) for g in all_graphs(graph))
+        try:
+            graph.fold_constants(fold_shapes=self.fold_shapes, error_ok=False, should_exclude_node=exclude)
+        except Exception as exc:
+            # One node ONNX Runtime cannot evaluate (a custom op, say) makes whole-graph folding fail.
+            # Partitioned folding isolates it, at a cost quadratic in graph size, so it is the fallback.
+            log.info("constant folding in one piece failed (%s); retrying partitioned", exc)
+            graph.fold_constants(
+                fold_shapes=self.fold_shapes, partitioning="basic", error_ok=True, should_exclude_node=exclude
+            )
+        graph.cleanup()
+        after = sum(len(g.nodes) for g in all_graphs(graph))
+        stats = {"folded_nodes": before - after}
+        stats.update({f"refused_{k}": v for k, v in refused.items() if v})
+        return PassResult(changed=after != before, stats=stats)
