@@ -1,49 +1,57 @@
 """onnx-trt-optimizer: an inference-optimization compiler for ONNX models that targets TensorRT.
 
-Python API::
+Python API (names load lazily, so ``import optimizer`` stays cheap and cycle-free)::
 
-    from optimizer import PassManager, optimize, load_model, save_model, register_pass, Pass, PassResult
+    from optimizer import optimize, PassManager, Pass, PassResult, register_pass, load_model, save_model
 """
 
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
 
-from optimizer.api import OptimizeResult, optimize
-from optimizer.errors import InputError, OptimizerError, PassError, PipelineError, VerificationError
-from optimizer.io import load_model, save_model
-from optimizer.manager import Hook, PassEvent, PassManager, PassRecord, RunResult
-from optimizer.pass_base import EXACT, Pass, PassContext, PassResult, Tolerance
-from optimizer.pipeline import PRESETS, FixedPoint, format_pipeline, parse_pipeline
-from optimizer.registry import available_passes, get_pass_class, register_pass
-from optimizer.report import Report
+_EXPORTS = {
+    "optimize": "api",
+    "OptimizeResult": "api",
+    "InputError": "errors",
+    "OptimizerError": "errors",
+    "PassError": "errors",
+    "PipelineError": "errors",
+    "VerificationError": "errors",
+    "load_model": "io",
+    "save_model": "io",
+    "Hook": "manager",
+    "PassEvent": "manager",
+    "PassManager": "manager",
+    "PassRecord": "manager",
+    "RunResult": "manager",
+    "EXACT": "pass_base",
+    "Pass": "pass_base",
+    "PassContext": "pass_base",
+    "PassResult": "pass_base",
+    "Tolerance": "pass_base",
+    "PRESETS": "pipeline",
+    "FixedPoint": "pipeline",
+    "format_pipeline": "pipeline",
+    "parse_pipeline": "pipeline",
+    "available_passes": "registry",
+    "get_pass_class": "registry",
+    "register_pass": "registry",
+    "Report": "report",
+}
 
-__all__ = [
-    "EXACT",
-    "PRESETS",
-    "FixedPoint",
-    "Hook",
-    "InputError",
-    "OptimizeResult",
-    "OptimizerError",
-    "Pass",
-    "PassContext",
-    "PassError",
-    "PassEvent",
-    "PassManager",
-    "PassRecord",
-    "PassResult",
-    "PipelineError",
-    "Report",
-    "RunResult",
-    "Tolerance",
-    "VerificationError",
-    "available_passes",
-    "format_pipeline",
-    "get_pass_class",
-    "load_model",
-    "optimize",
-    "parse_pipeline",
-    "register_pass",
-    "save_model",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'optimizer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"optimizer.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

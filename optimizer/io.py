@@ -63,12 +63,11 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelP
     base_dir = path.resolve().parent
     if _has_external(model):
         _check_external_locations(model, base_dir, path)
+        size += sum(_external_length(t, base_dir) for t in _external_tensors(model))
         try:
             external_data_helper.load_external_data_for_model(model, str(base_dir))
         except (OSError, ValueError) as exc:
             raise InputError(f"cannot read external data of {path}: {_first_line(exc)}") from None
-        external_bytes = sum(_external_length(t, base_dir) for t in _external_tensors(model))
-        size += external_bytes
     return model, ModelSource(path, base_dir, size)
 
 

@@ -47,7 +47,6 @@ def _bypass(graph: gs.Graph, node: gs.Node) -> bool:
         and not is_graph_output(graph, x)
         and not any(t is x for t in graph.inputs)
         and all(id(c) in local for c in x.outputs)
-        and x.dtype == y.dtype
     ):
         producer = x.inputs[0]
         for consumer in list(x.outputs):
@@ -63,15 +62,15 @@ def _bypass(graph: gs.Graph, node: gs.Node) -> bool:
     return False
 
 
-def _dropout_is_identity(node: gs.Node) -> bool:
+def _dropout_is_identity(graph: gs.Graph, node: gs.Node) -> bool:
     """Inference-mode Dropout: no mask read, and training_mode absent or constant false."""
-    if len(node.outputs) > 1 and node.outputs[1].outputs:
+    if len(node.outputs) > 1 and (node.outputs[1].outputs or is_graph_output(graph, node.outputs[1])):
         return False
     if len(node.inputs) >= 3 and node.inputs[2].name:
         mode = constant_values(node.inputs[2])
         if mode is None or bool(mode.reshape(-1)[0]):
             return False
-    return node.attrs.get("is_test", 1) != 0 or "is_test" not in node.attrs
+    return node.attrs.get("is_test", 1) != 0
 
 
 @register_pass
@@ -108,7 +107,7 @@ class Cleanup(Pass):
                         identities += 1
                     else:
                         kept += 1
-                elif node.op == "Dropout" and _dropout_is_identity(node):
+                elif node.op == "Dropout" and _dropout_is_identity(g, node):
                     while len(node.outputs) > 1:  # graphsurgeon's lists do not support slice deletion
                         node.outputs.pop()
                     if _bypass(g, node):
@@ -197,26 +196,13 @@ class FoldConstants(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         import_onnxruntime()  # graphsurgeon evaluates in ONNX Runtime; keep its C++ warnings quiet
         sizes = _inferred_sizes(graph)
-        refused = {"qdq": 0, "random": 0, "size": 0}
+        refused: dict[str, set[int]] = {"qdq": set(), "random": set(), "size": set()}
 
         def exclude(node: gs.Node) -> bool:
-            if node.op in QDQ_OPS:
-                refused["qdq"] += 1
-                return True
-            if node.op in RANDOM_OPS:
-                refused["random"] += 1
-                return True
-            out_bytes = [sizes.get(t.name) for t in node.outputs]
-            if any(b is None for b in out_bytes):
-                if node.op in GROWING_OPS:
-                    refused["size"] += 1
-                    return True
-                return False
-            in_bytes = sum(_constant_bytes(t) for t in node.inputs)
-            if sum(out_bytes) > max(SMALL_TENSOR_BYTES, self.max_growth * in_bytes):
-                refused["size"] += 1
-                return True
-            return False
+            reason = self._refusal(node, sizes)
+            if reason:
+                refused[reason].add(id(node))  # graphsurgeon may ask about a node more than once
+            return bool(reason)
 
         before = sum(len(g.nodes) for g in all_graphs(graph))
         try:
@@ -231,5 +217,19 @@ class FoldConstants(Pass):
         graph.cleanup()
         after = sum(len(g.nodes) for g in all_graphs(graph))
         stats = {"folded_nodes": before - after}
-        stats.update({f"refused_{k}": v for k, v in refused.items() if v})
+        stats.update({f"refused_{k}": len(v) for k, v in refused.items() if v})
         return PassResult(changed=after != before, stats=stats)
+
+    def _refusal(self, node: gs.Node, sizes: dict[str, int]) -> str:
+        """Why ``node`` must not be folded ("" if it may be)."""
+        if node.op in QDQ_OPS:
+            return "qdq"
+        if node.op in RANDOM_OPS:
+            return "random"
+        out_bytes = [sizes.get(t.name) for t in node.outputs]
+        if any(b is None for b in out_bytes):
+            return "size" if node.op in GROWING_OPS else ""
+        in_bytes = sum(_constant_bytes(t) for t in node.inputs)
+        if sum(out_bytes) > max(SMALL_TENSOR_BYTES, self.max_growth * in_bytes):
+            return "size"
+        return ""

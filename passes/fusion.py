@@ -9,20 +9,28 @@ import onnx_graphsurgeon as gs
 
 from optimizer.pass_base import Pass, PassContext, PassResult
 from optimizer.registry import register_pass
-from passes.graph_utils import all_graphs, constant_values, is_default_domain, only_consumer, unique_name
+from passes.graph_utils import (
+    all_graphs,
+    constant_values,
+    evaluate_constant_expression,
+    is_constant_expression,
+    is_default_domain,
+    only_consumer,
+    unique_name,
+)
 
 FLOAT_TYPES = (np.float32, np.float16, np.float64)
 
 
-def _bn_scale_shift(bn: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
-    """Per-channel (scale, shift) of an inference BatchNormalization, or None if not constant."""
-    values = [constant_values(t) for t in bn.inputs[1:5]]
+def _bn_scale_shift(bn: gs.Node, opset: int) -> tuple[np.ndarray, np.ndarray, np.dtype] | None:
+    """Per-channel (scale, shift) in float64 and the parameters' dtype, or None if not constant."""
+    values = [evaluate_constant_expression(t, opset) for t in bn.inputs[1:5]]
     if any(v is None for v in values):
         return None
     gamma, beta, mean, var = (v.astype(np.float64).reshape(-1) for v in values)
     eps = float(bn.attrs.get("epsilon", 1e-5))
     scale = gamma / np.sqrt(var + eps)
-    return scale, beta - mean * scale
+    return scale, beta - mean * scale, values[0].dtype
 
 
 @register_pass
@@ -77,24 +85,52 @@ class FuseConvBatchNorm(Pass):
         conv = x.inputs[0]
         if not only_consumer(g, x, bn):
             return "conv_output_shared"
-        weight = constant_values(conv.inputs[1]) if len(conv.inputs) > 1 else None
-        if weight is None or weight.dtype.type not in FLOAT_TYPES:
+        if len(conv.inputs) < 2:
             return "weight_not_constant_float"
-        has_bias = len(conv.inputs) > 2 and conv.inputs[2].name != ""
-        bias = constant_values(conv.inputs[2]) if has_bias else np.zeros(weight.shape[0], weight.dtype)
-        if bias is None:
-            return "bias_not_constant"
-        affine = _bn_scale_shift(bn)
+        affine = _bn_scale_shift(bn, g.opset)
         if affine is None:
             return "bn_params_not_constant"
-        scale, shift = affine
-        if scale.shape[0] != weight.shape[0] or bias.reshape(-1).shape[0] != weight.shape[0]:
-            return "channel_mismatch"
-        new_w = weight.astype(np.float64) * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
-        new_b = bias.astype(np.float64).reshape(-1) * scale + shift
-        w_const = gs.Constant(unique_name(g, f"{conv.inputs[1].name}_bn"), new_w.astype(weight.dtype))
-        b_const = gs.Constant(unique_name(g, f"{conv.name or 'conv'}_bias_bn"), new_b.astype(weight.dtype))
-        conv.inputs[1] = w_const
+        scale, shift, param_dtype = affine
+        has_bias = len(conv.inputs) > 2 and conv.inputs[2].name != ""
+        weight = constant_values(conv.inputs[1])
+        if weight is not None:
+            if weight.dtype.type not in FLOAT_TYPES:
+                return "weight_not_constant_float"
+            if scale.shape[0] != weight.shape[0]:
+                return "channel_mismatch"
+            dtype = weight.dtype
+            new_w = weight.astype(np.float64) * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+            conv.inputs[1] = gs.Constant(unique_name(g, f"{conv.inputs[1].name}_bn"), new_w.astype(dtype))
+        elif is_constant_expression(conv.inputs[1]):
+            # Weights generated at run time (ConstantOfShape ...): scale them with a Mul that runtimes
+            # fold at load time, instead of materializing them here and inflating the model.
+            w_tensor = conv.inputs[1]
+            dtype = np.dtype(w_tensor.dtype) if w_tensor.dtype is not None else np.dtype(param_dtype)
+            if dtype.type not in FLOAT_TYPES:
+                return "weight_not_constant_float"
+            rank = len(w_tensor.shape) if w_tensor.shape else len(conv.inputs[0].shape or []) or 4
+            s_const = gs.Constant(unique_name(g, f"{bn.name or 'bn'}_scale"), scale.reshape((-1,) + (1,) * (rank - 1)).astype(dtype))
+            scaled = gs.Variable(unique_name(g, f"{w_tensor.name}_bn"), dtype=dtype, shape=w_tensor.shape)
+            g.nodes.append(gs.Node("Mul", name=unique_name(g, f"{bn.name or 'bn'}_fold_w"), inputs=[w_tensor, s_const], outputs=[scaled]))
+            conv.inputs[1] = scaled
+        else:
+            return "weight_not_constant_float"
+        bias = constant_values(conv.inputs[2]) if has_bias else np.zeros(scale.shape[0], dtype)
+        if bias is not None:
+            if bias.reshape(-1).shape[0] != scale.shape[0]:
+                return "channel_mismatch"
+            new_b = bias.astype(np.float64).reshape(-1) * scale + shift
+            b_const = gs.Constant(unique_name(g, f"{conv.name or 'conv'}_bias_bn"), new_b.astype(dtype))
+        elif is_constant_expression(conv.inputs[2]):
+            b_tensor = conv.inputs[2]
+            s_const = gs.Constant(unique_name(g, f"{bn.name or 'bn'}_bscale"), scale.astype(dtype))
+            t_const = gs.Constant(unique_name(g, f"{bn.name or 'bn'}_shift"), shift.astype(dtype))
+            scaled_b = gs.Variable(unique_name(g, f"{b_tensor.name}_bn_scaled"), dtype=dtype)
+            b_const = gs.Variable(unique_name(g, f"{b_tensor.name}_bn"), dtype=dtype)
+            g.nodes.append(gs.Node("Mul", inputs=[b_tensor, s_const], outputs=[scaled_b]))
+            g.nodes.append(gs.Node("Add", inputs=[scaled_b, t_const], outputs=[b_const]))
+        else:
+            return "bias_not_constant"
         if has_bias:
             conv.inputs[2] = b_const
         else:

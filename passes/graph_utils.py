@@ -56,3 +56,69 @@ def unique_name(graph: gs.Graph, base: str) -> str:
         i += 1
         name = f"{base}_{i}"
     return name
+
+
+def is_constant_expression(tensor: gs.Tensor, _memo: dict[int, bool] | None = None) -> bool:
+    """True when ``tensor`` is computed only from constants (e.g. ``ConstantOfShape`` weights).
+
+    Such a tensor is fixed for every run, so exact rewrites may build on it with new nodes (which
+    ONNX Runtime and TensorRT fold when they load the model). Q/DQ and random ops do not count:
+    a dequantized weight must stay a Q/DQ pattern, and random values are not constant.
+    """
+    memo = {} if _memo is None else _memo
+    key = id(tensor)
+    if key in memo:
+        return memo[key]
+    memo[key] = False  # guards against cycles while recursing
+    if isinstance(tensor, gs.Constant):
+        memo[key] = True
+    elif len(tensor.inputs) == 1:
+        node = tensor.inputs[0]
+        memo[key] = (
+            is_default_domain(node)
+            and node.op not in QDQ_OPS
+            and node.op not in RANDOM_OPS
+            and not any(isinstance(v, gs.Graph) for v in node.attrs.values())
+            and all(is_constant_expression(t, memo) for t in node.inputs if t.name)
+        )
+    return memo[key]
+
+
+def evaluate_constant_expression(tensor: gs.Tensor, opset: int, max_bytes: int = 1 << 20) -> np.ndarray | None:
+    """Compute a small constant-expression tensor (see ``is_constant_expression``), else None.
+
+    Used for per-channel parameters generated at run time; evaluation uses onnx's reference
+    evaluator on just the nodes that produce ``tensor``. Results over ``max_bytes`` are refused.
+    """
+    value = constant_values(tensor)
+    if value is not None:
+        return value
+    if not is_constant_expression(tensor):
+        return None
+    nodes: list[gs.Node] = []
+    seen: set[int] = set()
+
+    def collect(t: gs.Tensor) -> None:
+        if isinstance(t, gs.Constant) or not t.inputs:
+            return
+        node = t.inputs[0]
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        for inp in node.inputs:
+            if inp.name:
+                collect(inp)
+        nodes.append(node)
+
+    collect(tensor)
+    from onnx.reference import ReferenceEvaluator
+
+    try:
+        sub = gs.Graph(nodes=nodes, inputs=[], outputs=[tensor], opset=opset)
+        model = gs.export_onnx(sub, do_type_check=False)
+        model.ir_version = min(model.ir_version, 10)
+        (result,) = ReferenceEvaluator(model).run(None, {})
+    except Exception:  # an op the reference evaluator lacks: the caller skips the site
+        return None
+    result = np.asarray(result)
+    return result if result.nbytes <= max_bytes else None

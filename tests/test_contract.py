@@ -1,0 +1,71 @@
+"""Registry-wide contract: every pass, on every sample model and every onnx-wheel light model.
+
+Each pass must: have help text and a unique kebab-case name, leave a valid model, keep outputs
+equal to the original (within its tolerance), and be idempotent (a second run changes nothing).
+"""
+
+import onnx
+import pytest
+from helpers import LIGHT_MODELS, SAMPLE_MODELS, assert_same_outputs, random_inputs
+
+from optimizer import PassManager, available_passes
+from optimizer.io import load_model
+from optimizer.stats import iter_graphs
+
+MODELS = SAMPLE_MODELS + LIGHT_MODELS
+MODEL_IDS = [p.parent.name if p.name == "model.onnx" else p.stem for p in MODELS]
+PASSES = sorted(available_passes())
+
+
+def test_models_are_present():
+    assert len(SAMPLE_MODELS) >= 3, "run python sample_models/build.py"
+    assert len(LIGHT_MODELS) >= 9, "the onnx wheel ships light_*.onnx models"
+
+
+@pytest.mark.parametrize("name", PASSES)
+def test_pass_has_help_and_stable_name(name):
+    cls = available_passes()[name]
+    assert cls.name == name
+    assert len((cls.__doc__ or "").strip().splitlines()) >= 3, "the docstring is the user-facing help"
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return {}
+
+
+def _load(path, cache):
+    if path not in cache:
+        cache[path] = load_model(path)[0]
+    return cache[path]
+
+
+@pytest.mark.parametrize("name", PASSES)
+@pytest.mark.parametrize("path", MODELS, ids=MODEL_IDS)
+def test_pass_contract(path, name, loaded):
+    model = _load(path, loaded)
+    cls = available_passes()[name]
+    first = PassManager(name, verify="numeric").run(model)
+    onnx.checker.check_model(first.model, full_check=True)
+    tol = cls.tolerance
+    inputs = random_inputs(model, seed=7)
+    assert_same_outputs(model, first.model, inputs, rtol=tol.rtol, atol=tol.atol)
+    second = PassManager(name, verify="structural").run(first.model)
+    assert not second.records[0].changed, f"{name} is not idempotent on {path.name}: {second.records[0].stats}"
+
+
+@pytest.mark.parametrize("path", MODELS, ids=MODEL_IDS)
+def test_default_preset_folds_every_conv_batchnorm(path, loaded):
+    model = _load(path, loaded)
+    result = PassManager("default", verify="numeric").run(model)
+    assert not any(r.rolled_back for r in result.records)
+    assert_same_outputs(model, result.model, random_inputs(model, seed=11))
+    producers = {}
+    for graph in iter_graphs(result.model.graph):
+        for node in graph.node:
+            for out in node.output:
+                producers[out] = node.op_type
+        for node in graph.node:
+            if node.op_type == "BatchNormalization":
+                assert producers.get(node.input[0]) != "Conv", f"BatchNormalization after Conv left in {path.name}"
+    assert result.model.ByteSize() < 4 * model.ByteSize() + 100_000, "the default preset must not inflate models"
