@@ -7,7 +7,8 @@ bad input. User mistakes get one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
+import inspect
 import logging
 import sys
 import textwrap
@@ -63,11 +64,9 @@ def list_passes() -> str:
 
     out = []
     for name, cls in available_passes().items():
-        options = ", ".join(
-            f"{f.name}={f.default!r}" for f in cls.option_fields() if f.default is not __import__("dataclasses").MISSING
-        )
+        options = ", ".join(f"{f.name}={f.default!r}" for f in cls.option_fields() if f.default is not dataclasses.MISSING)
         out.append(f"{name}{' (lossy)' if cls.lossy else ''}" + (f"  [{options}]" if options else ""))
-        out.append(textwrap.indent(textwrap.dedent(cls.__doc__ or "").strip(), "    "))
+        out.append(textwrap.indent(inspect.cleandoc(cls.__doc__ or ""), "    "))
         out.append("")
     out.append("presets:")
     out += [f"  {k}: {v or '(empty)'}" for k, v in PRESETS.items()]

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from optimizer.errors import InputError, VerificationError
-from optimizer.io import EXTERNAL_DATA_THRESHOLD, model_on_disk, weights_nbytes
+import optimizer.io as model_io
 from optimizer.manager import Hook, PassEvent
 from optimizer.metrics import compare_outputs, first_violation
 from optimizer.pass_base import PassContext
@@ -51,8 +51,8 @@ class StatsHook(Hook):
 
 def check_structure(model: onnx.ModelProto, full: bool = True) -> None:
     """onnx's checker (with strict shape inference when ``full``); raises onnx's ValidationError."""
-    if weights_nbytes(model) > EXTERNAL_DATA_THRESHOLD:
-        with model_on_disk(model) as path:
+    if model_io.weights_nbytes(model) > model_io.EXTERNAL_DATA_THRESHOLD:
+        with model_io.model_on_disk(model) as path:
             onnx.checker.check_model(str(path), full_check=full)
     else:
         onnx.checker.check_model(model, full_check=full)

@@ -10,7 +10,7 @@ import onnx
 from onnx import helper
 
 from optimizer.errors import InputError
-from optimizer.io import EXTERNAL_DATA_THRESHOLD, model_on_disk, weights_nbytes
+import optimizer.io as model_io
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,8 @@ class OrtRunner:
             options.intra_op_num_threads = threads
         self.output_names = output_names(model)
         try:
-            if weights_nbytes(model) > EXTERNAL_DATA_THRESHOLD:
-                with model_on_disk(model) as path:
+            if model_io.weights_nbytes(model) > model_io.EXTERNAL_DATA_THRESHOLD:
+                with model_io.model_on_disk(model) as path:
                     self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             else:
                 self.session = ort.InferenceSession(

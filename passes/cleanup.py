@@ -115,7 +115,11 @@ class Cleanup(Pass):
                     else:
                         kept += 1
         inputs_before = len(graph.inputs)
-        graph.cleanup(remove_unused_graph_inputs=self.remove_unused_inputs)
+        # Only the main graph's inputs may go: a Loop/Scan body's inputs are positional.
+        graph.cleanup(remove_unused_graph_inputs=False)
+        if self.remove_unused_inputs:
+            graph.inputs = [t for t in graph.inputs if t.outputs or is_graph_output(graph, t)]
+            graph.cleanup(remove_unused_graph_inputs=False)
         after = _graph_size(graph)
         removed_nodes = before[0] - after[0]
         stats = {

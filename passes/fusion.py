@@ -44,7 +44,9 @@ class FuseConvBatchNorm(Pass):
 
     ``s`` scales the Conv's output channels (axis 0 of W), so plain, grouped and depthwise
     convolutions fold the same way; a Conv without bias gets one. Folding is done in float64 and
-    cast back to the weight's type.
+    cast back to the weight's type. Weights that the model generates at run time from constants
+    (``ConstantOfShape`` ...) are scaled by a ``Mul`` that runtimes fold at load time, rather than
+    materialized here (which would inflate the model).
 
     Skipped (and counted in the stats): BN in training mode or with ``spatial=0``; a Conv whose
     weight or bias is not a constant (e.g. behind a DequantizeLinear); a Conv output read by

@@ -144,3 +144,19 @@ def test_default_output_path():
 
     assert default_output_path(Path("/a/b/model.onnx")) == Path("/a/b/model.opt.onnx")
     assert default_output_path(Path("/a/b/weird")) == Path("/a/b/weird.opt.onnx")
+
+
+def test_models_over_the_protobuf_limit_use_external_data(tmp_path, monkeypatch):
+    """Simulate a >2 GB model by lowering the limit: saving, verifying and running all switch paths."""
+    import optimizer.io as model_io
+    from optimizer.cli import main
+
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1000)
+    shutil.copy(DIGITS, tmp_path / "model.onnx")
+    code = main([str(tmp_path / "model.onnx"), "-o", str(tmp_path / "out.onnx"), "--json"])
+    assert code == 0
+    assert (tmp_path / "out.onnx.data").stat().st_size > 30_000
+    assert (tmp_path / "out.onnx").stat().st_size < 10_000
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 2**31)
+    loaded, _ = load_model(tmp_path / "out.onnx")
+    assert_same_outputs(onnx.load(str(DIGITS)), loaded)
