@@ -26,7 +26,9 @@ from optimizer.registry import get_pass_class
 PRESETS: dict[str, str] = {
     "none": "",
     "cleanup": "cleanup",
-    "default": "fixpoint(cleanup,fold-constants,fuse-conv-bn)",
+    "default": (
+        "fixpoint(cleanup,fold-constants,fuse-conv-bn,fuse-affine,fuse-matmul-add,fuse-gemm-transpose,fuse-pad)"
+    ),
 }
 
 

@@ -6,13 +6,20 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from optimizer.pass_base import Pass, PassContext, PassResult
 from optimizer.registry import register_pass
 from optimizer.runtime import import_onnxruntime
-from passes.graph_utils import QDQ_OPS, RANDOM_OPS, all_graphs, constant_values, is_default_domain, is_graph_output
+from passes.graph_utils import (
+    QDQ_OPS,
+    RANDOM_OPS,
+    all_graphs,
+    constant_values,
+    inferred_tensor_info,
+    is_default_domain,
+    is_graph_output,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,24 +151,11 @@ SMALL_TENSOR_BYTES = 1024
 
 
 def _inferred_sizes(graph: gs.Graph) -> dict[str, int]:
-    """Bytes of every tensor whose shape and type shape inference can tell."""
-    model = gs.export_onnx(graph, do_type_check=False)
-    model.ir_version = min(model.ir_version, 10)
-    try:
-        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as exc:  # shape inference may refuse custom ops; sizes stay unknown then
-        log.debug("shape inference failed: %s", exc)
+    """Bytes of every tensor whose full shape and type shape inference can tell."""
     sizes = {}
-    values = list(model.graph.value_info) + list(model.graph.output)
-    for value in values:
-        t = value.type.tensor_type
-        if not t.HasField("shape") or not t.elem_type:
-            continue
-        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
-        if any(d < 0 for d in dims):
-            continue
-        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).itemsize
-        sizes[value.name] = int(np.prod(dims, dtype=np.int64)) * itemsize
+    for name, (shape, dtype) in inferred_tensor_info(graph).items():
+        if shape is not None and dtype is not None and all(d is not None for d in shape):
+            sizes[name] = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     return sizes
 
 

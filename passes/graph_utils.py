@@ -122,3 +122,120 @@ def evaluate_constant_expression(tensor: gs.Tensor, opset: int, max_bytes: int =
         return None
     result = np.asarray(result)
     return result if result.nbytes <= max_bytes else None
+
+
+def inferred_tensor_info(graph: gs.Graph) -> dict[str, tuple[tuple[int | None, ...] | None, np.dtype | None]]:
+    """Shape (None for unknown dims) and dtype of every tensor onnx shape inference can tell.
+
+    The graph is exported (not modified); inference failures (custom ops) leave tensors unknown.
+    """
+    import onnx
+
+    from optimizer.io import pin_ir_version
+
+    model = gs.export_onnx(graph, do_type_check=False)
+    pin_ir_version(model)  # graphsurgeon keeps an IR 3 model's version but drops its initializer inputs
+    # Initializers listed as graph inputs (IR < 4 style) are constants for shape purposes; left as
+    # inputs, shape inference would treat their values as unknown.
+    initializers = {t.name for t in model.graph.initializer}
+    kept = [v for v in model.graph.input if v.name not in initializers]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    try:
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # shape inference may refuse custom ops; those tensors stay unknown
+        pass
+    info: dict[str, tuple[tuple[int | None, ...] | None, np.dtype | None]] = {}
+    for value in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
+        t = value.type.tensor_type
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)) if t.elem_type else None
+        shape = (
+            tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim) if t.HasField("shape") else None
+        )
+        info[value.name] = (shape, dtype)
+    return info
+
+
+#: What shape inference learned about a tensor: dims (``None`` for unknown or symbolic dims;
+#: the whole shape ``None`` when even the rank is unknown) and element type (``None`` if unknown).
+InferredType = tuple[tuple[int | None, ...] | None, np.dtype | None]
+
+
+def _proto_graphs(graph):
+    """``graph`` (an ``onnx.GraphProto``) and every subgraph inside it."""
+    import onnx
+
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _proto_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _proto_graphs(sub)
+
+
+def infer_tensor_types(
+    graph: gs.Graph, input_shapes: dict[str, tuple[int, ...]] | None = None
+) -> dict[str, InferredType]:
+    """Shapes and element types of every tensor, by name, from onnx shape inference (``data_prop``).
+
+    ``input_shapes`` overrides the dims of the named graph inputs for this inference only (the graph
+    is not modified). Constants are always known. Inference that fails (custom ops, invalid
+    models) leaves the affected tensors out of the result; it never raises.
+    """
+    import logging
+
+    import onnx
+
+    from optimizer.io import pin_ir_version
+
+    model = gs.export_onnx(graph, do_type_check=False)
+    pin_ir_version(model)  # graphsurgeon keeps an IR 3 model's version but drops its initializer inputs
+    # Initializers also listed as graph inputs would be treated as unknown values by inference.
+    initializers = {t.name for t in model.graph.initializer}
+    kept = [v for v in model.graph.input if v.name not in initializers]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    for value in model.graph.input:
+        given = (input_shapes or {}).get(value.name)
+        dims = value.type.tensor_type.shape.dim
+        if given is not None and value.type.tensor_type.HasField("shape") and len(dims) == len(given):
+            for dim, size in zip(dims, given):
+                dim.dim_value = int(size)  # clears dim_param (a oneof)
+    try:
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:  # custom ops, invalid models: what was not inferred stays unknown
+        logging.getLogger(__name__).debug("shape inference failed: %s", exc)
+    types: dict[str, InferredType] = {}
+    for g in _proto_graphs(model.graph):
+        for value in list(g.input) + list(g.value_info) + list(g.output):
+            if value.name in types or not value.type.HasField("tensor_type"):
+                continue
+            t = value.type.tensor_type
+            dtype = None
+            if t.elem_type:
+                try:
+                    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
+                except Exception:  # an element type numpy cannot describe
+                    dtype = None
+            shape = None
+            if t.HasField("shape"):
+                shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+            types[value.name] = (shape, dtype)
+    for g in all_graphs(graph):
+        for tensor in g.tensors().values():
+            if isinstance(tensor, gs.Constant):
+                types[tensor.name] = (tuple(int(d) for d in tensor.shape), np.dtype(tensor.dtype))
+    return types
+
+
+def infer_static_shapes(
+    graph: gs.Graph, input_shapes: dict[str, tuple[int, ...]] | None = None
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """The tensors whose shape (every dim) and element type shape inference can tell, by name."""
+    return {
+        name: (shape, dtype)
+        for name, (shape, dtype) in infer_tensor_types(graph, input_shapes).items()
+        if shape is not None and dtype is not None and all(d is not None for d in shape)
+    }

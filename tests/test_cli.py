@@ -10,7 +10,7 @@ import onnx
 import pytest
 from helpers import SAMPLES, assert_same_outputs
 
-from optimizer import Pass, PassResult, available_passes, register_pass
+from optimizer import PRESETS, Pass, PassResult, available_passes, register_pass
 from optimizer.cli import main
 from optimizer.registry import _REGISTRY
 
@@ -42,7 +42,7 @@ def test_optimize_writes_model_and_reports(workdir, capsys):
     report = json.loads((workdir / "r.json").read_text())
     assert report["schema"] == "onnx-trt-optimizer/report/v1"
     assert report["status"] == "ok"
-    assert report["pipeline"] == "fixpoint(cleanup,fold-constants,fuse-conv-bn)"
+    assert report["pipeline"] == PRESETS["default"]
     assert report["summary"]["nodes"] == {"before": 20, "after": 15}
     assert report["summary"]["compression"]["bytes"] > 1.0
     assert report["accuracy"]["samples"] == 450

@@ -69,3 +69,41 @@ def test_default_preset_folds_every_conv_batchnorm(path, loaded):
             if node.op_type == "BatchNormalization":
                 assert producers.get(node.input[0]) != "Conv", f"BatchNormalization after Conv left in {path.name}"
     assert result.model.ByteSize() < 4 * model.ByteSize() + 100_000, "the default preset must not inflate models"
+
+
+def test_default_preset_keeps_every_qdq_node():
+    """A quantized model keeps all its QuantizeLinear/DequantizeLinear nodes through `default`."""
+    import numpy as np
+    from helpers import op_types
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w_q = numpy_helper.from_array(rng.integers(-127, 127, size=(8, 3, 3, 3)).astype(np.int8), "w_q")
+    inits = [
+        w_q,
+        numpy_helper.from_array(np.full(8, 0.01, np.float32), "w_scale"),
+        numpy_helper.from_array(np.zeros(8, np.int8), "w_zp"),
+        numpy_helper.from_array(np.array(0.02, np.float32), "x_scale"),
+        numpy_helper.from_array(np.array(0, np.int8), "x_zp"),
+        numpy_helper.from_array(rng.normal(size=8).astype(np.float32), "bias"),
+        numpy_helper.from_array(np.linspace(0.5, 2, 8).reshape(8, 1, 1).astype(np.float32), "k"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zp"], ["xdq"]),
+        helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w"], axis=0),
+        helper.make_node("Identity", ["w"], ["w_id"]),
+        helper.make_node("Conv", ["xdq", "w_id", "bias"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Mul", ["c", "k"], ["m"]),
+        helper.make_node("Relu", ["m"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])], initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=10)
+    result = PassManager("default").run(model)
+    ops = op_types(result.model)
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 2
+    assert "Identity" not in ops
+    assert_same_outputs(model, result.model, random_inputs(model))
