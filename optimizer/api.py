@@ -18,7 +18,7 @@ from optimizer.manager import Hook, PassManager, VerifyMode
 from optimizer.pass_base import PassContext
 from optimizer.pipeline import Step
 from optimizer.report import Report
-from optimizer.runtime import input_specs
+from optimizer.runtime import OrtRunner, RuntimeFailure, input_specs
 from optimizer.stats import model_stats
 
 #: Samples of the user's data used for per-pass numeric verification (evaluation uses them all).
@@ -91,9 +91,14 @@ def optimize(
     report.warnings = list(result.warnings)
     report.optimized = model_stats(result.model)
     if evaluate_accuracy:
-        accuracy = evaluate(original, result.model, dataset, shape_specs, progress=progress)
-        report.accuracy = accuracy
-        report.warnings += [w for w in accuracy.warnings if w not in report.warnings]
+        try:
+            OrtRunner(original)
+        except RuntimeFailure as exc:  # e.g. a custom op ONNX Runtime lacks: nothing to compare against
+            report.warnings.append(f"accuracy not measured: the original model does not run in ONNX Runtime ({exc})")
+        else:
+            accuracy = evaluate(original, result.model, dataset, shape_specs, progress=progress)
+            report.accuracy = accuracy
+            report.warnings += [w for w in accuracy.warnings if w not in report.warnings]
     if output is not None:
         protect = (source.path,) if source.path else ()
         report.output_path = str(save_model(result.model, output, protect=protect))

@@ -49,12 +49,21 @@ def only_consumer(graph: gs.Graph, tensor: gs.Tensor, node: gs.Node) -> bool:
 
 
 def unique_name(graph: gs.Graph, base: str) -> str:
-    """A tensor name not used in ``graph`` (or its subgraphs)."""
-    used = {t.name for g in all_graphs(graph) for t in g.tensors().values()}
+    """A tensor/node name not used in ``graph`` (or its subgraphs), reserved once returned.
+
+    The set of used names is built once per graph object and cached on it, so a pass that creates
+    many tensors stays linear in the graph size.
+    """
+    used = getattr(graph, "_unique_names_cache", None)
+    if used is None:
+        used = {t.name for g in all_graphs(graph) for t in g.tensors().values()}
+        used |= {n.name for g in all_graphs(graph) for n in g.nodes if n.name}
+        graph._unique_names_cache = used
     name, i = base, 0
     while name in used:
         i += 1
         name = f"{base}_{i}"
+    used.add(name)
     return name
 
 

@@ -217,3 +217,24 @@ def test_keep_going_rolls_back_and_exits_0(workdir, capsys, sabotage_pass):
     assert report["passes"][0]["rolled_back"] is True
     assert report["summary"]["nodes"]["after"] == 15
     assert report["accuracy"]["outputs"]["logits"]["max_rel"] < 1e-5
+
+
+def test_custom_domain_op_is_kept_and_reported(tmp_path, capsys):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["a"]), helper.make_node("MyOp", ["a"], ["b"], domain="com.example"),
+         helper.make_node("Relu", ["b"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)], ir_version=10)
+    onnx.save(model, str(tmp_path / "custom.onnx"))
+    code = main([str(tmp_path / "custom.onnx"), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    optimized = onnx.load(str(tmp_path / "custom.opt.onnx"))
+    assert [n.op_type for n in optimized.graph.node] == ["MyOp", "Relu"]
+    assert optimized.graph.node[0].domain == "com.example"
+    assert any("numeric verification unavailable" in w for w in report["warnings"])
+    assert report["accuracy"] is None
