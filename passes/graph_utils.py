@@ -54,11 +54,12 @@ def unique_name(graph: gs.Graph, base: str) -> str:
     The set of used names is built once per graph object and cached on it, so a pass that creates
     many tensors stays linear in the graph size.
     """
-    used = getattr(graph, "_unique_names_cache", None)
+    # graph.__dict__ directly: graphsurgeon's Graph.__getattr__ treats unknown names as op functions
+    used = graph.__dict__.get("_unique_names_cache")
     if used is None:
         used = {t.name for g in all_graphs(graph) for t in g.tensors().values()}
         used |= {n.name for g in all_graphs(graph) for n in g.nodes if n.name}
-        graph._unique_names_cache = used
+        graph.__dict__["_unique_names_cache"] = used
     name, i = base, 0
     while name in used:
         i += 1
