@@ -132,7 +132,7 @@ def _quiet_graphsurgeon() -> None:
     try:
         from onnx_graphsurgeon.logger import G_LOGGER
 
-        G_LOGGER.severity = G_LOGGER.ERROR
+        G_LOGGER.severity = G_LOGGER.CRITICAL  # it prints to stdout, which --json owns
     except Exception:  # pragma: no cover - logger layout differs between versions
         pass
 
