@@ -40,6 +40,7 @@ def optimize(
     output: str | os.PathLike | None = None,
     data: str | os.PathLike | ArrayData | None = None,
     shapes: str | list[str] | dict[str, ShapeSpec] | None = None,
+    calibration=None,
     verify: VerifyMode = "numeric",
     keep_going: bool = False,
     evaluate_accuracy: bool = True,
@@ -48,7 +49,8 @@ def optimize(
 ) -> OptimizeResult:
     """Optimize ``model`` with ``pipeline``; save to ``output`` when given (never over the input).
 
-    Raises ``InputError``/``PipelineError`` for bad input. A pass that fails verification raises
+    ``calibration``: data for quantization passes (a path to .npz/.npy/a folder, or a
+    ``calibration.sources.CalibrationSource``). Raises ``InputError``/``PipelineError`` for bad input. A pass that fails verification raises
     ``PassError`` unless ``keep_going`` (then it is rolled back); either way the report says so.
     """
     start = time.perf_counter()
@@ -65,6 +67,10 @@ def optimize(
             f"--shapes names unknown input(s) {', '.join(unknown)}; model inputs: {', '.join(s.name for s in specs)}"
         )
     ctx = PassContext(input_shapes={n: s.opt for n, s in shape_specs.items()}, progress=progress)
+    if calibration is not None:
+        from calibration.sources import open_source
+
+        ctx.calibration = open_source(calibration, specs, shapes=ctx.input_shapes)
     if dataset is not None:
         dataset.check(specs)
         first = next(dataset.batches(specs, VERIFY_SAMPLES, limit=VERIFY_SAMPLES), None)
@@ -109,3 +115,46 @@ def optimize(
 def default_output(model_path: str | os.PathLike) -> Path:
     """Where ``optimize model.onnx`` writes when no ``-o`` is given."""
     return default_output_path(Path(model_path))
+
+
+def write_trt_calibration_cache(report: Report, path: str | os.PathLike) -> Path:
+    """Write the activation scales chosen by ``quantize-int8`` as a TensorRT calibration cache."""
+    from calibration.cache import write_trt_cache
+    from optimizer.errors import InputError
+
+    scales: dict[str, float] = {}
+    method = "entropy"
+    for record in report.passes:
+        if record.name == "quantize-int8" and record.changed and not record.rolled_back:
+            method = record.details.get("calibration", {}).get("method", method)
+            for name, info in record.details.get("tensors", {}).items():
+                scales[name] = float(info["scale"])
+    if not scales:
+        raise InputError("--calib-cache: the pipeline quantized no activations, so there is no cache to write")
+    return write_trt_cache(path, scales, method=method)
+
+
+def evaluate_engine(built, report: Report, onnx_path, data, shapes) -> dict:
+    """Run a built TensorRT engine; compare with ONNX Runtime (optimized model) and the original."""
+    from optimizer.engine import run_engine
+    from optimizer.evaluate import compare_streams
+
+    original, _ = load_model(report.model_path)
+    optimized, _ = load_model(onnx_path)
+    dataset = load_npz(data) if isinstance(data, (str, os.PathLike)) else data
+    specs = input_specs(optimized)
+    if dataset is not None:
+        dataset.check(specs)
+        batches = [feeds for feeds, _ in dataset.batches(specs, 32)]
+    else:
+        from calibration.data import synthetic_inputs
+
+        batches = [synthetic_inputs(specs, shapes or {}, seed=1)]
+    outputs, latency = run_engine(built.path, batches)
+    info = built.to_dict()
+    info["latency_ms"] = latency
+    info["accuracy"] = {
+        "vs_onnxruntime": {m.name: m.to_dict() for m in compare_streams(OrtRunner(optimized), batches, outputs)},
+        "vs_original": {m.name: m.to_dict() for m in compare_streams(OrtRunner(original), batches, outputs)},
+    }
+    return info

@@ -47,6 +47,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--shapes", action="append", metavar="NAME:DIMS",
         help="shape for a dynamic input, e.g. input:1x3x224x224 (or name:min/opt/max); repeatable",
     )
+    precision = parser.add_argument_group("precision (appended to the pipeline)")
+    precision.add_argument("--int8", action="store_true", help="quantize to INT8 with explicit Q/DQ (quantize-int8)")
+    precision.add_argument("--fp16", action="store_true", help="convert to FP16 where safe (convert-fp16)")
+    precision.add_argument("--calib", metavar="DATA",
+                           help="calibration data: .npz, .npy, a folder of .npy files or of images")
+    precision.add_argument("--calib-method", default="entropy",
+                           choices=("minmax", "percentile", "entropy", "mse", "auto"),
+                           help="range method for --int8 (default: entropy, as TensorRT's EntropyCalibrator2)")
+    precision.add_argument("--calib-cache", metavar="FILE",
+                           help="also write a TensorRT calibration cache (for implicit INT8 on TensorRT 10)")
+    engine = parser.add_argument_group("TensorRT engine")
+    engine.add_argument("--save-engine", metavar="FILE", help="build a serialized engine from the optimized model")
+    engine.add_argument("--backend", choices=("tensorrt", "tensorrt-rtx"), default="tensorrt",
+                        help="tensorrt (GPU, TensorRT 10/11) or tensorrt-rtx (ahead-of-time, no GPU needed)")
+    engine.add_argument("--compute-capability", default="SM89", help="target GPU for --backend tensorrt-rtx (default SM89)")
+    engine.add_argument("--weakly-typed", action="store_true",
+                        help="TensorRT 10: weakly typed network with --fp16/--int8 builder flags instead of the model's types")
+    engine.add_argument("--timing-cache", metavar="FILE", help="TensorRT timing cache to load and update")
+    engine.add_argument("--workspace", type=int, metavar="MB", help="builder workspace limit in MiB")
+    engine.add_argument("--check-trt", action="store_true",
+                        help="report, per node, whether TensorRT-RTX's ONNX parser supports the optimized model")
     parser.add_argument("--verify", choices=("numeric", "structural", "off"), default="numeric",
                         help="check after every pass (default: numeric)")
     parser.add_argument("--keep-going", action="store_true", help="roll back a pass that fails verification and go on")
@@ -137,27 +158,93 @@ def _quiet_graphsurgeon() -> None:
         pass
 
 
+def pipeline_from_args(args: argparse.Namespace) -> str:
+    """The pipeline text: --passes or --preset, then the precision passes asked for by flags."""
+    from optimizer.pipeline import PRESETS
+
+    base = args.passes if args.passes is not None else PRESETS[args.preset or "default"]
+    extra = []
+    if args.int8:
+        extra.append(f"quantize-int8(method={args.calib_method})")
+    if args.fp16:
+        extra.append("convert-fp16")
+    return ",".join(part for part in [base, *extra] if part)
+
+
 def _run(args: argparse.Namespace) -> int:
     from optimizer.api import default_output, optimize
 
-    pipeline = args.passes if args.passes is not None else (args.preset or "default")
     output = Path(args.output) if args.output else default_output(args.model)
     interactive = not args.json and sys.stderr.isatty()
-    try:
-        result = optimize(
-            args.model,
-            pipeline,
-            output=output,
-            data=args.data,
-            shapes=args.shapes,
-            verify=args.verify,
-            keep_going=args.keep_going,
-            evaluate_accuracy=not args.no_eval,
-            progress=_progress_factory(interactive),
+    if (args.calib or args.calib_cache) and not args.int8:
+        print("optimize: error: --calib/--calib-cache need --int8", file=sys.stderr)
+        return 2
+    result = optimize(
+        args.model,
+        pipeline_from_args(args),
+        output=output,
+        data=args.data,
+        shapes=args.shapes,
+        calibration=args.calib,
+        verify=args.verify,
+        keep_going=args.keep_going,
+        evaluate_accuracy=not args.no_eval,
+        progress=_progress_factory(interactive),
+    )
+    report = result.report
+    code = 0
+    if args.calib_cache:
+        from optimizer.api import write_trt_calibration_cache
+
+        write_trt_calibration_cache(report, args.calib_cache)
+    if args.check_trt:
+        from optimizer.tensorrt_rtx import check_model
+
+        report.trt_check = check_model(output, build=False, shapes=_shapes(args)).to_dict()
+    if args.save_engine:
+        code = _build_engine(args, output, report)
+    _emit_report(report, args)
+    if code == 2:
+        print(f"optimize: error: {report.engine['error']}", file=sys.stderr)
+    return code
+
+
+def _shapes(args: argparse.Namespace):
+    from calibration.data import parse_shapes
+
+    return parse_shapes(args.shapes) or None
+
+
+def _build_engine(args: argparse.Namespace, onnx_path: Path, report) -> int:
+    """Build the engine after the ONNX model is saved; a missing TensorRT/GPU is exit code 2."""
+    if args.backend == "tensorrt-rtx":
+        from optimizer.tensorrt_rtx import check_model
+
+        checked = check_model(
+            onnx_path, build=True, shapes=_shapes(args), compute_capability=args.compute_capability,
+            save_engine=args.save_engine, workspace_mb=args.workspace,
         )
-    except PassError:
-        raise
-    _emit_report(result.report, args)
+        report.engine = {"backend": "tensorrt-rtx", **checked.to_dict(), "ran": False,
+                         "note": "TensorRT-RTX engines are built ahead of time; running them needs an RTX GPU"}
+        if not checked.built:
+            report.engine["error"] = "TensorRT-RTX could not build the engine: " + "; ".join(checked.errors[:3])
+            report.status = "engine_failed"
+            return 1
+        return 0
+    from optimizer.engine import EngineUnavailableError, build_engine
+
+    try:
+        built = build_engine(
+            onnx_path, args.save_engine, shapes=_shapes(args), strongly_typed=not args.weakly_typed,
+            fp16=args.weakly_typed and args.fp16, int8=args.weakly_typed and args.int8,
+            calibration_cache=args.calib_cache, timing_cache=args.timing_cache, workspace_mb=args.workspace,
+        )
+    except EngineUnavailableError as exc:
+        report.engine = {"backend": "tensorrt", "error": str(exc)}
+        return 2
+    from optimizer.api import evaluate_engine
+
+    report.engine = evaluate_engine(built, report, onnx_path, args.data, _shapes(args))
     return 0
 
 

@@ -102,3 +102,14 @@ def evaluate(
     return report
 
 
+
+
+def compare_streams(reference: OrtRunner, batches: list[dict], outputs: list[dict]) -> list[OutputMetrics]:
+    """Metrics of precomputed ``outputs`` (e.g. from TensorRT) against ``reference`` on ``batches``."""
+    accumulators: dict[str, OutputAccumulator] = {}
+    for feeds, got in zip(batches, outputs):
+        ref = reference.run(feeds)
+        for name, value in ref.items():
+            if name in got:
+                accumulators.setdefault(name, OutputAccumulator(name)).update(value, got[name])
+    return [acc.result() for acc in accumulators.values()]

@@ -225,14 +225,22 @@ def model_on_disk(model: onnx.ModelProto):
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write a text file atomically (temporary file in the same folder, then rename)."""
+    """Write a UTF-8 text file atomically (temporary file in the same folder, then rename)."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes | memoryview) -> Path:
+    """Write a binary file atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
     if not path.resolve().parent.is_dir():
         raise InputError(f"output folder does not exist: {path.resolve().parent}")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.resolve().parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

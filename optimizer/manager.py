@@ -34,6 +34,7 @@ class PassRecord:
     iteration: int = 0
     changed: bool = False
     stats: dict[str, int | float] = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
     time_s: float = 0.0
     before: ModelStats | None = None
     after: ModelStats | None = None
@@ -170,6 +171,7 @@ class PassManager:
             event.result = result
             record.changed = result.changed
             record.stats = dict(result.stats)
+            record.details = dict(result.details)
             if result.changed:
                 graph.cleanup(remove_unused_graph_inputs=False).toposort()
                 event.after = graph_to_model(graph, state.model)

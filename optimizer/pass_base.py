@@ -35,10 +35,12 @@ EXACT = Tolerance()
 
 @dataclass
 class PassResult:
-    """What a pass did: whether it changed the graph, and counts for the report."""
+    """What a pass did: whether it changed the graph, counts for the report, and optional
+    structured ``details`` (JSON-serializable: per-tensor ranges, per-layer sensitivity ...)."""
 
     changed: bool
     stats: dict[str, int | float] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -33,6 +33,8 @@ class Report:
     status: str = "ok"  # ok | verification_failed | accuracy_failed | error
     error: str = ""
     total_time_s: float = 0.0
+    engine: dict | None = None  # TensorRT / TensorRT-RTX build (and run) results
+    trt_check: dict | None = None  # TensorRT-RTX parser support check of the optimized model
     opset: int = 0
     ir_version: int = 0
 
@@ -70,6 +72,8 @@ class Report:
             },
             "passes": [_pass_dict(r) for r in self.passes],
             "accuracy": self.accuracy.to_dict() if self.accuracy else None,
+            "engine": self.engine,
+            "trt_check": self.trt_check,
             "warnings": list(self.warnings),
         }
 
@@ -124,6 +128,7 @@ class Report:
                     f"Task accuracy (`{t['output']}` vs labels): original {t['original']:.2f} %, "
                     f"optimized {t['optimized']:.2f} %, drop {t['drop']:.2f} points.",
                 ]
+        lines += _engine_markdown(self.engine, self.trt_check)
         if self.warnings:
             lines += ["", "## Warnings", ""] + [f"- {w}" for w in self.warnings]
         return "\n".join(lines) + "\n"
@@ -169,6 +174,9 @@ class Report:
                     f"  task accuracy: original {a.task.original:.2f} %, optimized {a.task.optimized:.2f} % "
                     f"(drop {a.task.drop:.2f} points)"
                 )
+        for line in _engine_markdown(self.engine, self.trt_check):
+            if line:
+                console.print(line.lstrip("#- ").replace("`", ""), highlight=False)
         for w in self.warnings:
             console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
         if self.status != "ok":
@@ -190,6 +198,32 @@ class Report:
         return path
 
 
+def _engine_markdown(engine: dict | None, trt_check: dict | None) -> list[str]:
+    lines: list[str] = []
+    if trt_check:
+        unsupported = trt_check.get("unsupported") or []
+        lines += ["", "## TensorRT-RTX parser check", ""]
+        if unsupported:
+            lines += [f"- unsupported: `{u['name']}` ({u['op_type']}): {u['reason']}" for u in unsupported]
+        else:
+            lines.append("- every node is supported" if trt_check.get("parsed") else "- parsing failed: " + "; ".join(trt_check.get("errors", [])[:3]))
+    if engine:
+        lines += ["", "## Engine", ""]
+        if engine.get("error"):
+            lines.append(f"- not built: {engine['error']}")
+        else:
+            lines.append(
+                f"- {engine.get('backend')}: `{engine.get('path') or engine.get('engine_path')}`, "
+                f"{engine.get('engine_bytes', 0):,} bytes, built in {engine.get('build_time_s', 0):.2f} s"
+            )
+            if engine.get("latency_ms") is not None:
+                lines.append(f"- latency (median): {engine['latency_ms']:.3f} ms")
+            for kind, outputs in (engine.get("accuracy") or {}).items():
+                for name, m in outputs.items():
+                    lines.append(f"- {kind} `{name}`: max abs {m['max_abs']:.3g}, cosine {m['cosine']}")
+    return lines
+
+
 def _pass_dict(r: PassRecord) -> dict:
     before = r.before or ModelStats(0, 0, 0, 0, 0)
     after = r.after or before
@@ -199,6 +233,7 @@ def _pass_dict(r: PassRecord) -> dict:
         "iteration": r.iteration,
         "changed": r.changed,
         "stats": dict(r.stats),
+        "details": dict(r.details),
         "time_s": round(r.time_s, 6),
         "nodes_before": before.nodes,
         "nodes_after": after.nodes,

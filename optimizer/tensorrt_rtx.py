@@ -32,7 +32,7 @@ import onnx
 from onnx import external_data_helper
 
 from optimizer.errors import InputError, OptimizerError
-from optimizer.io import EXTERNAL_DATA_THRESHOLD, load_model, save_model, weights_nbytes
+from optimizer.io import EXTERNAL_DATA_THRESHOLD, load_model, save_model, weights_nbytes, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -438,7 +438,8 @@ def _build(trt, session: _Session, result: TrtCheckResult, cc_value, profiles, w
     result.built = True
     result.engine_bytes = int(plan.nbytes)
     if save_engine is not None:
-        result.engine_path = str(_write_atomic(Path(save_engine), memoryview(plan)))
+        result.engine_path = str(write_bytes_atomic(Path(save_engine), memoryview(plan)))
+        log.info("saved TensorRT-RTX engine %s", save_engine)
     del plan, config
 
 
@@ -450,24 +451,6 @@ def _check_engine_target(path: Path, model_path: Path | None) -> None:
         raise InputError(f"engine output path is a directory: {path}")
     if model_path is not None and target == model_path.resolve():
         raise InputError(f"refusing to overwrite the input model {model_path} with the engine")
-
-
-def _write_atomic(path: Path, data: memoryview) -> Path:
-    """Write bytes to a temporary file in ``path``'s folder, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.resolve().parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    log.info("saved TensorRT-RTX engine %s", path)
-    return path
 
 
 def _safe_call(error, method: str, default):
