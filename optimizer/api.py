@@ -10,7 +10,7 @@ from typing import Callable
 
 import onnx
 
-from calibration.data import ArrayData, ShapeSpec, load_npz, parse_shapes
+from calibration.data import ArrayData, ShapeSpec, load_npz, parse_shapes, synthetic_inputs
 from optimizer.errors import PassError
 from optimizer.evaluate import evaluate
 from optimizer.io import default_output_path, load_model, save_model
@@ -66,7 +66,11 @@ def optimize(
         raise InputError(
             f"--shapes names unknown input(s) {', '.join(unknown)}; model inputs: {', '.join(s.name for s in specs)}"
         )
-    ctx = PassContext(input_shapes={n: s.opt for n, s in shape_specs.items()}, progress=progress)
+    # Shapes given as a min/opt/max profile stay dynamic: passes may fold only fixed shapes.
+    fixed = {n: s.opt for n, s in shape_specs.items() if s.min is None and s.max is None}
+    ctx = PassContext(input_shapes=fixed, progress=progress)
+    if dataset is None and len(fixed) < len(shape_specs):
+        ctx.reference_inputs = synthetic_inputs(specs, shape_specs)
     if calibration is not None:
         from calibration.sources import open_source
 

@@ -14,7 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from optimizer.errors import OptimizerError, PassError
+from optimizer.errors import OptimizerError
 
 log = logging.getLogger("optimizer")
 

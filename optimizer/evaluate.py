@@ -73,7 +73,8 @@ def evaluate(
         report = AccuracyReport("synthetic", True, samples, warnings=warnings)
     else:
         data.check(specs)
-        batches = data.batches(specs, batch_size)
+        # Batch by the optimized model's inputs: passes may have fixed a dynamic batch dim.
+        batches = data.batches(input_specs(optimized), batch_size)
         report = AccuracyReport(data.source, False, 0, warnings=data.warnings)
     accumulators = {name: OutputAccumulator(name) for name in ref_runner.output_names}
     first = ref_runner.output_names[0]

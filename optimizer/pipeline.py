@@ -27,7 +27,8 @@ PRESETS: dict[str, str] = {
     "none": "",
     "cleanup": "cleanup",
     "default": (
-        "fixpoint(cleanup,fold-constants,fuse-conv-bn,fuse-affine,fuse-matmul-add,fuse-gemm-transpose,fuse-pad)"
+        "fixpoint(cleanup,fold-shapes,fold-constants,simplify-layout-ops,remove-noop-arithmetic,"
+        "fuse-conv-bn,fuse-affine,fuse-matmul-add,fuse-gemm-transpose,fuse-pad,fuse-layernorm,fuse-gelu,cse)"
     ),
 }
 

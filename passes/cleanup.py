@@ -16,7 +16,7 @@ from passes.graph_utils import (
     RANDOM_OPS,
     all_graphs,
     constant_values,
-    inferred_tensor_info,
+    infer_static_shapes,
     is_default_domain,
     is_graph_output,
 )
@@ -152,11 +152,10 @@ SMALL_TENSOR_BYTES = 1024
 
 def _inferred_sizes(graph: gs.Graph) -> dict[str, int]:
     """Bytes of every tensor whose full shape and type shape inference can tell."""
-    sizes = {}
-    for name, (shape, dtype) in inferred_tensor_info(graph).items():
-        if shape is not None and dtype is not None and all(d is not None for d in shape):
-            sizes[name] = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    return sizes
+    return {
+        name: int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        for name, (shape, dtype) in infer_static_shapes(graph).items()
+    }
 
 
 def _constant_bytes(tensor: gs.Tensor) -> int:
@@ -194,7 +193,7 @@ class FoldConstants(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         import_onnxruntime()  # graphsurgeon evaluates in ONNX Runtime; keep its C++ warnings quiet
         sizes = _inferred_sizes(graph)
-        refused: dict[str, set[int]] = {"qdq": set(), "random": set(), "size": set()}
+        refused: dict[str, set[int]] = {"qdq": set(), "random": set(), "size": set(), "shape_slice": set()}
 
         def exclude(node: gs.Node) -> bool:
             reason = self._refusal(node, sizes)
@@ -224,6 +223,8 @@ class FoldConstants(Pass):
             return "qdq"
         if node.op in RANDOM_OPS:
             return "random"
+        if node.op == "Shape" and ("start" in node.attrs or "end" in node.attrs):
+            return "shape_slice"  # graphsurgeon's shape folding ignores start/end; fold-shapes handles it
         out_bytes = [sizes.get(t.name) for t in node.outputs]
         if any(b is None for b in out_bytes):
             return "size" if node.op in GROWING_OPS else ""

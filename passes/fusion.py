@@ -18,7 +18,7 @@ from passes.graph_utils import (
     all_graphs,
     constant_values,
     evaluate_constant_expression,
-    inferred_tensor_info,
+    infer_tensor_types,
     is_constant_expression,
     is_default_domain,
     is_graph_output,
@@ -279,7 +279,7 @@ class BatchNormToAffine(Pass):
                 x = bn.inputs[0]
                 rank = len(x.shape) if x.shape is not None else None
                 if rank is None:
-                    shapes = shapes if shapes is not None else inferred_tensor_info(graph)
+                    shapes = shapes if shapes is not None else infer_tensor_types(graph)
                     known = shapes.get(x.name, (None, None))[0]
                     rank = len(known) if known is not None else None
                 if rank is None or rank < 2:
@@ -335,7 +335,7 @@ class _LazyInfo:
 
     def __call__(self):
         if self.info is None:
-            self.info = inferred_tensor_info(self.graph)
+            self.info = infer_tensor_types(self.graph)
         return self.info
 
 

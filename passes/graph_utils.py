@@ -134,38 +134,6 @@ def evaluate_constant_expression(tensor: gs.Tensor, opset: int, max_bytes: int =
     return result if result.nbytes <= max_bytes else None
 
 
-def inferred_tensor_info(graph: gs.Graph) -> dict[str, tuple[tuple[int | None, ...] | None, np.dtype | None]]:
-    """Shape (None for unknown dims) and dtype of every tensor onnx shape inference can tell.
-
-    The graph is exported (not modified); inference failures (custom ops) leave tensors unknown.
-    """
-    import onnx
-
-    from optimizer.io import pin_ir_version
-
-    model = gs.export_onnx(graph, do_type_check=False)
-    pin_ir_version(model)  # graphsurgeon keeps an IR 3 model's version but drops its initializer inputs
-    # Initializers listed as graph inputs (IR < 4 style) are constants for shape purposes; left as
-    # inputs, shape inference would treat their values as unknown.
-    initializers = {t.name for t in model.graph.initializer}
-    kept = [v for v in model.graph.input if v.name not in initializers]
-    del model.graph.input[:]
-    model.graph.input.extend(kept)
-    try:
-        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:  # shape inference may refuse custom ops; those tensors stay unknown
-        pass
-    info: dict[str, tuple[tuple[int | None, ...] | None, np.dtype | None]] = {}
-    for value in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
-        t = value.type.tensor_type
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)) if t.elem_type else None
-        shape = (
-            tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim) if t.HasField("shape") else None
-        )
-        info[value.name] = (shape, dtype)
-    return info
-
-
 #: What shape inference learned about a tensor: dims (``None`` for unknown or symbolic dims;
 #: the whole shape ``None`` when even the rank is unknown) and element type (``None`` if unknown).
 InferredType = tuple[tuple[int | None, ...] | None, np.dtype | None]
@@ -236,8 +204,23 @@ def infer_tensor_types(
     for g in all_graphs(graph):
         for tensor in g.tensors().values():
             if isinstance(tensor, gs.Constant):
-                types[tensor.name] = (tuple(int(d) for d in tensor.shape), np.dtype(tensor.dtype))
+                types[tensor.name] = (tuple(int(d) for d in tensor.shape), numpy_dtype(tensor.dtype))
     return types
+
+
+def numpy_dtype(dtype) -> np.dtype | None:
+    """A graphsurgeon tensor's dtype as numpy's, or None. graphsurgeon keeps types numpy lacks
+    (bfloat16, float8) as ONNX ``TensorProto`` enum ints; those map through onnx's ml_dtypes."""
+    import onnx
+
+    if dtype is None:
+        return None
+    try:
+        if isinstance(dtype, int):
+            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dtype))
+        return np.dtype(dtype)
+    except Exception:  # a type neither numpy nor onnx can describe
+        return None
 
 
 def infer_static_shapes(
@@ -249,3 +232,18 @@ def infer_static_shapes(
         for name, (shape, dtype) in infer_tensor_types(graph, input_shapes).items()
         if shape is not None and dtype is not None and all(d is not None for d in shape)
     }
+
+
+def set_model_metadata(graph: gs.Graph, key: str, value: str) -> None:
+    """Ask for ``key = value`` in the exported model's ``metadata_props`` (a graph has none).
+
+    Passes that change the model's interface (e.g. ``layout-nchw(io=nchw)``) record it here; the
+    manager copies these entries into the model it exports (see ``model_metadata``).
+    """
+    # graph.__dict__ directly: graphsurgeon's Graph.__getattr__ treats unknown names as op functions
+    graph.__dict__.setdefault("_model_metadata", {})[key] = value
+
+
+def model_metadata(graph: gs.Graph) -> dict[str, str]:
+    """The ``metadata_props`` entries passes asked for with ``set_model_metadata``."""
+    return dict(graph.__dict__.get("_model_metadata", {}))
