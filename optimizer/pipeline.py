@@ -21,7 +21,7 @@ from typing import Any, Literal, Union
 
 from optimizer.errors import PipelineError
 from optimizer.pass_base import Pass
-from optimizer.registry import get_pass_class
+from optimizer.registry import available_passes, get_pass_class
 
 PRESETS: dict[str, str] = {
     "none": "",
@@ -31,6 +31,9 @@ PRESETS: dict[str, str] = {
         "fuse-conv-bn,fuse-affine,fuse-matmul-add,fuse-gemm-transpose,fuse-pad,fuse-layernorm,fuse-gelu,cse)"
     ),
 }
+PRESETS["fp16"] = PRESETS["default"] + ",convert-fp16"
+PRESETS["int8"] = PRESETS["default"] + ",quantize-int8"
+PRESETS["best"] = PRESETS["default"] + ",quantize-int8,convert-fp16"
 
 
 @dataclass
@@ -81,15 +84,18 @@ def parse_pipeline(text: str) -> list[Step]:
     for part in _split_top(text, "pipeline"):
         if not part:
             raise PipelineError(f"empty step in pipeline {text!r} (two commas in a row?)")
-        steps.append(_parse_step(part))
+        step = _parse_step(part)
+        steps.extend(step) if isinstance(step, list) else steps.append(step)
     return steps
 
 
-def _parse_step(part: str) -> Step:
+def _parse_step(part: str) -> Step | list[Step]:
     match = re.fullmatch(r"([A-Za-z][A-Za-z0-9_\-]*)\s*(?:\((.*)\))?", part, flags=re.S)
     if not match:
         raise PipelineError(f"cannot parse pipeline step {part!r}; expected name or name(key=value, ...)")
     name, args = match.group(1), match.group(2)
+    if args is None and name in PRESETS and name not in available_passes():
+        return parse_pipeline(PRESETS[name])  # a preset used as a step expands in place
     if name == "fixpoint":
         inner = parse_pipeline(args or "")
         if not inner:

@@ -1,7 +1,5 @@
-"""Built-in passes. Importing this package registers them."""
+"""Built-in passes, one module per family. Importing this package registers them."""
 
-from passes import cleanup, fusion  # noqa: F401
-from passes import normalization  # noqa: F401
-from passes import simplify  # noqa: F401
+from passes import cleanup, fusion, layout, normalization, precision, quantization, simplify  # noqa: F401
 
-__all__ = ["cleanup", "fusion"]
+__all__ = ["cleanup", "fusion", "layout", "normalization", "precision", "quantization", "simplify"]

@@ -93,10 +93,10 @@ class ConvertFp16(Pass):
         reasons: dict[str, int] = {}
 
         def reason_fp32(node: gs.Node) -> str:
-            if not is_default_domain(node) or node.op not in FP16_OPS:
-                return "op_not_fp16"
             if node.op in keep:
                 return "kept_op"
+            if not is_default_domain(node) or node.op not in FP16_OPS:
+                return "op_not_fp16"
             if node.name in self.exclude:
                 return "excluded"
             for i in _float_inputs(node, FP16_OPS[node.op]):

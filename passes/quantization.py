@@ -1,0 +1,343 @@
+"""INT8 quantization with explicit Q/DQ nodes, placed the way TensorRT fuses them.
+
+The output is the form TensorRT 10/11 builds directly (strongly typed, explicit precision) and
+ONNX Runtime runs on the CPU: weights stored as INT8 initializers behind ``DequantizeLinear``
+(per output channel), activations wrapped in ``QuantizeLinear -> DequantizeLinear`` pairs (per
+tensor, symmetric, zero point 0) with scales from calibration.
+
+Placement is an op -> handler table (``HANDLERS``): each handler says which inputs of a node to
+quantize. Everything without a handler stays in float, which is how LayerNormalization, Softmax,
+Gelu and the attention score path keep their precision.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from optimizer.errors import InputError
+from optimizer.pass_base import Pass, PassContext, PassResult, Tolerance
+from optimizer.registry import register_pass
+from passes.graph_utils import constant_values, is_default_domain, unique_name
+from passes.match import producer
+
+log = logging.getLogger(__name__)
+
+INT8_MAX = 127
+
+
+@dataclass
+class QuantSite:
+    """One node input to quantize: ``kind`` is "weight" (constant, per channel) or "activation"."""
+
+    node: gs.Node
+    index: int
+    kind: Literal["weight", "activation"]
+    axis: int | None = None  # per-channel axis for weights
+
+
+@dataclass
+class PlacementOptions:
+    min_weight_elements: int
+    quantize_pooling: bool
+    quantize_residual: bool
+
+
+def _weight_axis(node: gs.Node, weight: np.ndarray) -> int | None:
+    """Axis of the output channels in the weight tensor (for per-channel scales)."""
+    if node.op == "Conv":
+        return 0
+    if node.op == "ConvTranspose":
+        return 1 if int(node.attrs.get("group", 1)) == 1 else None  # grouped: per-tensor
+    if node.op == "Gemm":
+        return 0 if node.attrs.get("transB", 0) else 1
+    if node.op == "MatMul":
+        return weight.ndim - 1 if weight.ndim >= 2 else None
+    return None
+
+
+def _weighted(node: gs.Node, opts: PlacementOptions, skip: Callable[[str], None]) -> list[QuantSite]:
+    """Conv/ConvTranspose/Gemm/MatMul: both inputs; the weight per output channel."""
+    if len(node.inputs) < 2:
+        return []
+    weight = constant_values(node.inputs[1])
+    if weight is None:
+        if node.op == "MatMul":
+            skip("matmul_without_constant_weight")  # attention scores, attn x V: kept in float
+        else:
+            skip("weight_not_constant")
+        return []
+    if weight.dtype != np.float32:
+        skip("weight_not_float32")
+        return []
+    if node.op == "Gemm" and node.attrs.get("transA", 0):
+        skip("gemm_transA")
+        return []
+    if weight.size < opts.min_weight_elements:
+        skip("tiny_layer")
+        return []
+    if constant_values(node.inputs[0]) is not None:
+        skip("constant_input")
+        return []
+    return [QuantSite(node, 0, "activation"), QuantSite(node, 1, "weight", _weight_axis(node, weight))]
+
+
+def _residual_add(node: gs.Node, opts: PlacementOptions, skip: Callable[[str], None]) -> list[QuantSite]:
+    """Add(conv_out, residual): quantize the residual input so TensorRT can fuse Conv+Add."""
+    if not opts.quantize_residual or len(node.inputs) != 2:
+        return []
+    if any(constant_values(t) is not None for t in node.inputs):
+        return []
+    producers = [producer(t) for t in node.inputs]
+    conv_side = [i for i, p in enumerate(producers) if p is not None and p.op == "Conv" and is_default_domain(p)]
+    if not conv_side:
+        return []
+    other = 1 - conv_side[0]
+    return [QuantSite(node, other, "activation")]
+
+
+def _pooling(node: gs.Node, opts: PlacementOptions, skip: Callable[[str], None]) -> list[QuantSite]:
+    """AveragePool/GlobalAveragePool do not commute with quantization: optional Q/DQ on the input."""
+    return [QuantSite(node, 0, "activation")] if opts.quantize_pooling else []
+
+
+#: op type -> handler returning the inputs to quantize. MaxPool, Relu, Reshape, Transpose, Concat
+#: ... have no handler: TensorRT propagates Q/DQ through them. LayerNormalization, Softmax, Gelu
+#: and MatMuls without constant weights have none either, so they stay in float.
+HANDLERS: dict[str, Callable[[gs.Node, PlacementOptions, Callable[[str], None]], list[QuantSite]]] = {
+    "Conv": _weighted,
+    "ConvTranspose": _weighted,
+    "Gemm": _weighted,
+    "MatMul": _weighted,
+    "Add": _residual_add,
+    "AveragePool": _pooling,
+    "GlobalAveragePool": _pooling,
+}
+
+
+def quantize_weight(weight: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric INT8: per-channel (``axis``) or per-tensor scales; returns (int8 values, scales)."""
+    w = weight.astype(np.float64)
+    if axis is None:
+        amax = np.asarray(np.abs(w).max())
+        scale_b = np.maximum(amax, 1e-12) / INT8_MAX
+        scale = np.asarray(scale_b, np.float32)
+    else:
+        reduce_axes = tuple(i for i in range(w.ndim) if i != axis)
+        amax = np.abs(w).max(axis=reduce_axes)
+        scale = (np.maximum(amax, 1e-12) / INT8_MAX).astype(np.float32)
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        scale_b = scale.astype(np.float64).reshape(shape)
+    q = np.clip(np.round(w / scale_b), -INT8_MAX, INT8_MAX).astype(np.int8)
+    return q, scale
+
+
+def find_sites(graph: gs.Graph, opts: PlacementOptions) -> tuple[list[QuantSite], dict[str, int]]:
+    """Walk the main graph with the handler table; subgraph bodies are left in float."""
+    skipped: dict[str, int] = {}
+
+    def skip(reason: str) -> None:
+        skipped[reason] = skipped.get(reason, 0) + 1
+
+    sites: list[QuantSite] = []
+    for node in graph.nodes:
+        handler = HANDLERS.get(node.op)
+        if handler is None or not is_default_domain(node):
+            continue
+        if any(p is not None and p.op in ("QuantizeLinear", "DequantizeLinear") for p in map(producer, node.inputs)):
+            skip("already_quantized")
+            continue
+        sites.extend(handler(node, opts, skip))
+    with_bodies = sum(1 for node in graph.nodes if any(True for _ in node.subgraphs()))
+    if with_bodies:
+        skipped["subgraphs_left_in_float"] = with_bodies
+    return sites, skipped
+
+
+@register_pass
+@dataclass
+class QuantizeInt8(Pass):
+    """Insert INT8 Q/DQ nodes following TensorRT's placement recommendations::
+
+        x -> Conv(W) -> y
+        becomes
+        x -> QuantizeLinear(s_x) -> DequantizeLinear(s_x) -> Conv(DequantizeLinear(W_int8, s_w, axis=0)) -> y
+
+    - Conv, ConvTranspose, Gemm, MatMul with a constant weight: the activation input per tensor
+      (scale from calibration), the weight per output channel (axis 0 for Conv, 1 for
+      ConvTranspose and for Gemm/MatMul [K,N] weights), symmetric, zero point 0, stored as INT8.
+      Outputs are not quantized.
+    - Add with a Conv on one side (a residual block): the other input is quantized so TensorRT
+      can fuse Conv+Add (option ``residual``).
+    - AveragePool/GlobalAveragePool inputs only with ``pooling=true``.
+    - Everything else stays float: MaxPool/Relu/Reshape/Transpose/Concat (TensorRT propagates
+      Q/DQ through them; Concat inputs share the one Q/DQ on its output), LayerNormalization,
+      Softmax, Gelu, and MatMuls of two activations (attention scores).
+    - Tiny layers (weights with fewer than ``min_weight_elements`` values) stay float: Q/DQ costs
+      more than INT8 saves there. If/Loop/Scan bodies are left in float.
+
+    Options: ``method`` (minmax, percentile, entropy, mse, auto; default entropy, TensorRT's
+    EntropyCalibrator2), ``percentile`` (99.99), ``min_weight_elements`` (128), ``residual``
+    (true), ``pooling`` (false), ``exclude`` (node names to keep in float; the mixed-precision
+    search fills it). Needs calibration data in the context (``--calib``); without it, synthetic
+    data is used and the report says so.
+
+    Verification: lossy; outputs must keep cosine similarity >= 0.98 with the original.
+    """
+
+    name = "quantize-int8"
+    lossy = True
+    tolerance = Tolerance(rtol=float("inf"), atol=float("inf"), min_cosine=0.98, max_mismatch=0.05)
+
+    method: str = "entropy"
+    percentile: float = 99.99
+    min_weight_elements: int = 128
+    residual: bool = True
+    pooling: bool = False
+    exclude: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.method not in ("minmax", "percentile", "entropy", "mse", "auto"):
+            raise ValueError(f"method must be one of minmax, percentile, entropy, mse, auto; got {self.method!r}")
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        opts = PlacementOptions(self.min_weight_elements, self.pooling, self.residual)
+        sites, skipped = find_sites(graph, opts)
+        excluded = set(self.exclude)
+        if excluded:
+            kept = [s for s in sites if s.node.name not in excluded]
+            skipped["excluded"] = len({id(s.node) for s in sites if s.node.name in excluded})
+            sites = kept
+        if not sites:
+            return PassResult(False, stats={f"skipped_{k}": v for k, v in skipped.items()})
+        activations = sorted({s.node.inputs[s.index].name for s in sites if s.kind == "activation"})
+        ranges, calib_info = calibrate(graph, activations, ctx, self.method, self.percentile)
+        details: dict = {"calibration": calib_info, "tensors": {}, "weights": {}}
+        qdq: dict[str, gs.Variable] = {}
+        weights: dict[tuple[str, int | None], gs.Variable] = {}
+        quantized_nodes: set[int] = set()
+        for site in sites:
+            tensor = site.node.inputs[site.index]
+            if site.kind == "activation":
+                if tensor.name not in ranges:
+                    skipped["no_range"] = skipped.get("no_range", 0) + 1
+                    continue
+                if tensor.name not in qdq:
+                    qdq[tensor.name] = _insert_qdq(graph, tensor, ranges[tensor.name]["scale"])
+                    details["tensors"][tensor.name] = ranges[tensor.name]
+                site.node.inputs[site.index] = qdq[tensor.name]
+            else:
+                key = (tensor.name, site.axis)
+                if key not in weights:
+                    weights[key], info = _dequantized_weight(graph, tensor, site.axis)
+                    details["weights"][tensor.name] = info
+                site.node.inputs[site.index] = weights[key]
+            quantized_nodes.add(id(site.node))
+        stats = {
+            "quantized_nodes": len(quantized_nodes),
+            "quantized_activations": len(qdq),
+            "quantized_weights": len(weights),
+            **{f"skipped_{k}": v for k, v in sorted(skipped.items())},
+        }
+        return PassResult(changed=bool(quantized_nodes), stats=stats, details=details)
+
+
+def _insert_qdq(graph: gs.Graph, tensor: gs.Tensor, scale: float) -> gs.Variable:
+    base = tensor.name
+    scale = max(float(scale), 1e-12)  # an all-zero tensor still needs a positive scale
+    s = gs.Constant(unique_name(graph, f"{base}_scale"), np.asarray(scale, np.float32))
+    zp = gs.Constant(unique_name(graph, f"{base}_zero_point"), np.asarray(0, np.int8))
+    q_out = gs.Variable(unique_name(graph, f"{base}_quantized"), dtype=np.int8, shape=tensor.shape)
+    dq_out = gs.Variable(unique_name(graph, f"{base}_dequantized"), dtype=np.float32, shape=tensor.shape)
+    graph.nodes.append(gs.Node("QuantizeLinear", unique_name(graph, f"{base}_QuantizeLinear"), inputs=[tensor, s, zp], outputs=[q_out]))
+    graph.nodes.append(gs.Node("DequantizeLinear", unique_name(graph, f"{base}_DequantizeLinear"), inputs=[q_out, s, zp], outputs=[dq_out]))
+    return dq_out
+
+
+def _dequantized_weight(graph: gs.Graph, tensor: gs.Tensor, axis: int | None) -> tuple[gs.Variable, dict]:
+    weight = constant_values(tensor)
+    q, scale = quantize_weight(weight, axis)
+    base = tensor.name
+    q_const = gs.Constant(unique_name(graph, f"{base}_int8"), q)
+    s_const = gs.Constant(unique_name(graph, f"{base}_scale"), scale)
+    out = gs.Variable(unique_name(graph, f"{base}_dequantized"), dtype=np.float32, shape=list(weight.shape))
+    attrs = {"axis": axis} if axis is not None else {}
+    # No zero point: it defaults to 0 of the input's type (int8), saving an initializer.
+    graph.nodes.append(gs.Node("DequantizeLinear", unique_name(graph, f"{base}_DequantizeLinear"), attrs=attrs, inputs=[q_const, s_const], outputs=[out]))
+    restored = q.astype(np.float64) * (scale.reshape([-1 if i == axis else 1 for i in range(weight.ndim)]) if axis is not None else scale)
+    err = weight.astype(np.float64) - restored
+    signal = float(np.sum(weight.astype(np.float64) ** 2))
+    noise = float(np.sum(err**2))
+    sqnr = 10 * np.log10(signal / noise) if noise > 0 and signal > 0 else float("inf")
+    info = {"axis": axis, "channels": int(scale.size), "sqnr_db": round(float(sqnr), 2)}
+    return out, info
+
+
+def calibrate(graph: gs.Graph, tensors: list[str], ctx: PassContext, method: str, percentile: float):
+    """Ranges for ``tensors`` on the context's calibration data (synthetic if none).
+
+    Returns ``({name: {"amax", "scale", "method", "sqnr_db"}}, info)``.
+    """
+    from calibration import collect
+    from calibration import ranges as range_methods
+    from calibration.sources import open_source
+    from optimizer.runtime import input_specs
+
+    model = _graph_model(graph)
+    source = open_source(ctx.calibration, input_specs(model), shapes=ctx.input_shapes)
+    stats = collect.collect_statistics(model, tensors, source, progress=ctx.progress)
+    result = {}
+    for name, st in stats.items():
+        r = range_methods.compute_range(st, method, percentile=percentile)
+        result[name] = {"amax": float(r.amax), "scale": float(r.scale), "method": r.method, "sqnr_db": _round(r.sqnr_db)}
+    info = {
+        "source": stats.source,
+        "synthetic": bool(stats.synthetic),
+        "samples": int(stats.samples),
+        "method": method,
+        "skipped": dict(stats.skipped),
+    }
+    missing = [t for t in tensors if t not in result]
+    if missing:
+        log.info("no calibration statistics for %d tensor(s): %s", len(missing), ", ".join(missing[:5]))
+    if not result and tensors:
+        raise InputError("calibration produced no ranges; check the calibration data")
+    return result, info
+
+
+def _round(value):
+    if value is None:
+        return None
+    value = float(value)
+    return round(value, 2) if np.isfinite(value) else None
+
+
+def observe_amax(graph: gs.Graph, tensors: list[str], ctx: PassContext) -> dict[str, float]:
+    """Largest |value| of ``tensors`` on the calibration data (synthetic if the context has none)."""
+    from calibration import collect
+    from calibration.sources import open_source
+    from optimizer.runtime import input_specs
+
+    model = _graph_model(graph)
+    source = ctx.calibration
+    if source is None and ctx.reference_inputs is not None:
+        source = {k: v for k, v in ctx.reference_inputs.items()}
+    source = open_source(source, input_specs(model), shapes=ctx.input_shapes)
+    stats = collect.collect_statistics(model, tensors, source, progress=ctx.progress)
+    return {name: float(st.amax) for name, st in stats.items()}
+
+
+def _graph_model(graph: gs.Graph):
+    """An ONNX model of ``graph`` (a copy) for running in ONNX Runtime."""
+    import onnx
+
+    from optimizer.manager import graph_to_model
+
+    template = onnx.ModelProto()
+    template.ir_version = 10
+    return graph_to_model(graph.copy(), template)
