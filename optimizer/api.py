@@ -44,18 +44,23 @@ def optimize(
     verify: VerifyMode = "numeric",
     keep_going: bool = False,
     evaluate_accuracy: bool = True,
+    max_accuracy_drop: float | None = None,
     hooks: list[Hook] | None = None,
     progress: Callable[[str, int | None], Callable[..., None]] | None = None,
 ) -> OptimizeResult:
     """Optimize ``model`` with ``pipeline``; save to ``output`` when given (never over the input).
 
     ``calibration``: data for quantization passes (a path to .npz/.npy/a folder, or a
-    ``calibration.sources.CalibrationSource``). Raises ``InputError``/``PipelineError`` for bad input. A pass that fails verification raises
-    ``PassError`` unless ``keep_going`` (then it is rolled back); either way the report says so.
+    ``calibration.sources.CalibrationSource``). ``max_accuracy_drop``: an accuracy budget in points
+    (see ``optimizer.budget``); layers fall back to float until it holds, else the report's status
+    is ``accuracy_failed``. Raises ``InputError``/``PipelineError`` for bad input. A pass that fails
+    verification raises ``PassError`` unless ``keep_going`` (then it is rolled back).
     """
     start = time.perf_counter()
     original, source = load_model(model)
-    manager = PassManager(pipeline, verify=verify, keep_going=keep_going, hooks=hooks)
+    manager = PassManager(
+        pipeline, verify=verify, keep_going=keep_going, hooks=hooks, lossy_finite_only=max_accuracy_drop is not None
+    )
     shape_specs = shapes if isinstance(shapes, dict) else parse_shapes(shapes)
     dataset = load_npz(data) if isinstance(data, (str, os.PathLike)) else data
     specs = input_specs(original)
@@ -107,6 +112,27 @@ def optimize(
             report.warnings.append(f"accuracy not measured: the original model does not run in ONNX Runtime ({exc})")
         else:
             accuracy = evaluate(original, result.model, dataset, shape_specs, progress=progress)
+            if max_accuracy_drop is not None:
+                from optimizer.budget import fit_budget
+
+                fitted = fit_budget(original, manager.steps, ctx, max_accuracy_drop, dataset, shape_specs, result, accuracy)
+                result.model, result.records, accuracy = fitted.model, fitted.records, fitted.accuracy
+                report.passes = result.records
+                report.optimized = model_stats(result.model)
+                report.budget = {
+                    "max_accuracy_drop": max_accuracy_drop,
+                    "metric": fitted.metric,
+                    "drop": round(fitted.drop, 4),
+                    "met": fitted.met,
+                    "fallbacks": [vars(f) for f in fitted.fallbacks],
+                    "sensitivity": {k: round(v, 4) for k, v in fitted.sensitivity.items()},
+                }
+                if not fitted.met:
+                    report.status = "accuracy_failed"
+                    report.error = (
+                        f"{fitted.metric} dropped {fitted.drop:.2f} points, more than --max-accuracy-drop "
+                        f"{max_accuracy_drop}, even with {len(fitted.fallbacks)} layer(s) in float"
+                    )
             report.accuracy = accuracy
             report.warnings += [w for w in accuracy.warnings if w not in report.warnings]
     if output is not None:

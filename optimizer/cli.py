@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     precision.add_argument("--calib-method", default="entropy",
                            choices=("minmax", "percentile", "entropy", "mse", "auto"),
                            help="range method for --int8 (default: entropy, as TensorRT's EntropyCalibrator2)")
+    precision.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
+                           help="accuracy budget: fall back the most sensitive layers to float until the drop fits")
     precision.add_argument("--calib-cache", metavar="FILE",
                            help="also write a TensorRT calibration cache (for implicit INT8 on TensorRT 10)")
     engine = parser.add_argument_group("TensorRT engine")
@@ -189,10 +191,11 @@ def _run(args: argparse.Namespace) -> int:
         verify=args.verify,
         keep_going=args.keep_going,
         evaluate_accuracy=not args.no_eval,
+        max_accuracy_drop=args.max_accuracy_drop,
         progress=_progress_factory(interactive),
     )
     report = result.report
-    code = 0
+    code = 1 if report.status == "accuracy_failed" else 0
     if args.calib_cache:
         from optimizer.api import write_trt_calibration_cache
 
@@ -201,11 +204,13 @@ def _run(args: argparse.Namespace) -> int:
         from optimizer.tensorrt_rtx import check_model
 
         report.trt_check = check_model(output, build=False, shapes=_shapes(args)).to_dict()
-    if args.save_engine:
+    if args.save_engine and code == 0:
         code = _build_engine(args, output, report)
     _emit_report(report, args)
     if code == 2:
         print(f"optimize: error: {report.engine['error']}", file=sys.stderr)
+    elif report.status == "accuracy_failed":
+        print(f"optimize: error: {report.error}", file=sys.stderr)
     return code
 
 

@@ -99,6 +99,7 @@ class PassManager:
     ``pipeline``: text (``"cleanup,fuse-conv-bn"``), a preset name, or a list of passes/text.
     ``verify``: ``numeric`` (ONNX Runtime before/after on the same inputs), ``structural`` (onnx
     checker with shape inference) or ``off``. ``keep_going``: roll a failing pass back and go on.
+    ``lossy_finite_only``: hold lossy passes only to finite outputs (an accuracy budget judges them).
     """
 
     def __init__(
@@ -108,6 +109,7 @@ class PassManager:
         verify: VerifyMode = "numeric",
         keep_going: bool = False,
         hooks: list[Hook] | None = None,
+        lossy_finite_only: bool = False,
     ):
         from optimizer.hooks import StatsHook, TimingHook, VerifyHook
 
@@ -116,7 +118,7 @@ class PassManager:
         self.keep_going = keep_going
         builtin: list[Hook] = [TimingHook(), StatsHook()]
         if verify != "off":
-            builtin.append(VerifyHook(verify))
+            builtin.append(VerifyHook(verify, lossy_finite_only))
         self.hooks = builtin + list(hooks or [])
 
     @property
@@ -159,7 +161,7 @@ class PassManager:
 
     def _run_pass(self, p: Pass, state: _RunState, ctx: PassContext, iteration: int) -> bool:
         record = PassRecord(p.name, p.spec(), iteration)
-        event = PassEvent(p, record, state.model, ctx, passes_before=tuple(r.spec for r in state.records))
+        event = PassEvent(p, record, state.model, ctx, passes_before=tuple(dict.fromkeys(r.spec for r in state.records)))
         state.records.append(record)
         try:
             for hook in self.hooks:

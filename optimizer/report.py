@@ -35,6 +35,7 @@ class Report:
     total_time_s: float = 0.0
     engine: dict | None = None  # TensorRT / TensorRT-RTX build (and run) results
     trt_check: dict | None = None  # TensorRT-RTX parser support check of the optimized model
+    budget: dict | None = None  # accuracy budget: metric, drop, fallbacks and per-layer sensitivity
     opset: int = 0
     ir_version: int = 0
 
@@ -72,6 +73,7 @@ class Report:
             },
             "passes": [_pass_dict(r) for r in self.passes],
             "accuracy": self.accuracy.to_dict() if self.accuracy else None,
+            "budget": self.budget,
             "engine": self.engine,
             "trt_check": self.trt_check,
             "warnings": list(self.warnings),
@@ -128,6 +130,13 @@ class Report:
                     f"Task accuracy (`{t['output']}` vs labels): original {t['original']:.2f} %, "
                     f"optimized {t['optimized']:.2f} %, drop {t['drop']:.2f} points.",
                 ]
+        if self.budget:
+            b = self.budget
+            lines += ["", "## Accuracy budget", "",
+                      f"{b['metric']} drop {b['drop']:.3f} points (budget {b['max_accuracy_drop']}): "
+                      + ("met" if b["met"] else "NOT met")]
+            lines += [f"- `{f['node']}` kept in float by {f['pass_name']}: sensitivity +{f['gain']:.3f} points ({f['reason']})"
+                      for f in b["fallbacks"]]
         lines += _engine_markdown(self.engine, self.trt_check)
         if self.warnings:
             lines += ["", "## Warnings", ""] + [f"- {w}" for w in self.warnings]

@@ -217,7 +217,7 @@ class QuantizeInt8(Pass):
             return PassResult(False, stats={f"skipped_{k}": v for k, v in skipped.items()})
         activations = sorted({s.node.inputs[s.index].name for s in sites if s.kind == "activation"})
         ranges, calib_info = calibrate(graph, activations, ctx, self.method, self.percentile)
-        details: dict = {"calibration": calib_info, "tensors": {}, "weights": {}}
+        details: dict = {"calibration": calib_info, "tensors": {}, "weights": {}, "nodes": []}
         qdq: dict[str, gs.Variable] = {}
         weights: dict[tuple[str, int | None], gs.Variable] = {}
         quantized_nodes: set[int] = set()
@@ -237,7 +237,9 @@ class QuantizeInt8(Pass):
                     weights[key], info = _dequantized_weight(graph, tensor, site.axis)
                     details["weights"][tensor.name] = info
                 site.node.inputs[site.index] = weights[key]
-            quantized_nodes.add(id(site.node))
+            if id(site.node) not in quantized_nodes:
+                quantized_nodes.add(id(site.node))
+                details["nodes"].append(site.node.name)
         stats = {
             "quantized_nodes": len(quantized_nodes),
             "quantized_activations": len(qdq),
@@ -341,3 +343,76 @@ def _graph_model(graph: gs.Graph):
     template = onnx.ModelProto()
     template.ir_version = 10
     return graph_to_model(graph.copy(), template)
+
+
+def _scale_of(graph_node: gs.Node) -> np.ndarray | None:
+    return constant_values(graph_node.inputs[1]) if len(graph_node.inputs) > 1 else None
+
+
+@register_pass
+@dataclass
+class LintQdq(Pass):
+    """Report Q/DQ placements TensorRT cannot fuse; changes nothing.
+
+    Findings (counted in the stats, listed in the report's details):
+
+    - ``float_op_between_dq_and_layer``: a float op (Pad, Cast, Mul ...) sits between a
+      DequantizeLinear and the Conv/Gemm/MatMul it feeds, so TensorRT runs that layer in float::
+
+          DQ -> Pad -> Conv        (fold the Pad into the Conv, or move the Q/DQ below it)
+
+    - ``partially_quantized_layer``: one input of a Conv/Gemm/MatMul is dequantized, the other not;
+    - ``float_residual_input``: an Add joins a quantized Conv's output with a float tensor, so
+      TensorRT cannot fuse the Add into the Conv;
+    - ``concat_scale_mismatch``: Concat inputs come from DequantizeLinear nodes with different
+      scales (TensorRT needs equal scales to keep the Concat in INT8);
+    - ``qdq_pair_mismatch``: a QuantizeLinear feeds a DequantizeLinear with a different scale.
+    """
+
+    name = "lint-qdq"
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        issues: list[dict] = []
+
+        def report(kind: str, node: gs.Node, detail: str) -> None:
+            issues.append({"kind": kind, "node": node.name, "op": node.op, "detail": detail})
+
+        def is_dq(t: gs.Tensor) -> bool:
+            p = producer(t)
+            return p is not None and p.op == "DequantizeLinear"
+
+        weighted = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+        for node in graph.nodes:
+            if node.op in weighted and len(node.inputs) >= 2:
+                flags = [is_dq(node.inputs[i]) for i in (0, 1)]
+                if any(flags) and not all(flags):
+                    report("partially_quantized_layer", node, f"inputs dequantized: {flags}")
+                for i in (0, 1):
+                    p = producer(node.inputs[i])
+                    if p is not None and p.op not in ("DequantizeLinear",) and p.inputs and is_dq(p.inputs[0]):
+                        report("float_op_between_dq_and_layer", node, f"{p.op} '{p.name}' between DequantizeLinear and input {i}")
+            elif node.op == "Add" and len(node.inputs) == 2:
+                producers = [producer(t) for t in node.inputs]
+                for i, p in enumerate(producers):
+                    other = node.inputs[1 - i]
+                    if (
+                        p is not None and p.op == "Conv" and p.inputs and is_dq(p.inputs[0])
+                        and constant_values(other) is None and not is_dq(other)
+                        and not (producers[1 - i] is not None and producers[1 - i].op == "Conv")
+                    ):
+                        report("float_residual_input", node, f"input {1 - i} ('{other.name}') is float")
+                        break
+            elif node.op == "Concat":
+                scales = [_scale_of(producer(t)) for t in node.inputs if is_dq(t)]
+                if len(scales) > 1 and any(s is None or not np.array_equal(s, scales[0]) for s in scales):
+                    report("concat_scale_mismatch", node, "inputs dequantized with different scales")
+            elif node.op == "DequantizeLinear":
+                q = producer(node.inputs[0])
+                if q is not None and q.op == "QuantizeLinear":
+                    a, b = _scale_of(q), _scale_of(node)
+                    if a is None or b is None or not np.array_equal(a, b):
+                        report("qdq_pair_mismatch", node, f"scale differs from QuantizeLinear '{q.name}'")
+        stats: dict[str, int | float] = {"issues": len(issues)}
+        for issue in issues:
+            stats[issue["kind"]] = stats.get(issue["kind"], 0) + 1
+        return PassResult(False, stats=stats, details={"issues": issues})

@@ -152,3 +152,48 @@ def test_digits_int8_accuracy_and_compression(tmp_path):
     weight_compression = report.original.weight_bytes / report.optimized.weight_bytes
     assert weight_compression >= 3.9, weight_compression
     assert "QuantizeLinear" in op_types(result.model)
+
+
+def test_lint_is_clean_on_our_output_and_finds_bad_placements():
+    quantized = _run(residual_cnn()).model
+    clean = PassManager("lint-qdq").run(quantized)
+    assert clean.records[0].stats["issues"] == 0 and not clean.records[0].changed
+    # break it: a Pad between the activation DQ and conv2
+    padded = onnx.ModelProto()
+    padded.CopyFrom(quantized)
+    graph = padded.graph
+    conv2 = next(n for n in graph.node if n.name == "conv2")
+    graph.initializer.append(numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads_bad"))
+    graph.node.append(helper.make_node("Pad", [conv2.input[0], "pads_bad"], ["padded"], name="pad_bad"))
+    conv2.input[0] = "padded"
+    for a in conv2.attribute:
+        if a.name == "pads":
+            del a.ints[:]
+            a.ints.extend([0, 0, 0, 0])
+    stats = PassManager("lint-qdq", verify="off").run(padded).records[0].stats
+    assert stats["float_op_between_dq_and_layer"] == 1
+    # break it differently: the residual Add reads the float tensor instead of its DQ
+    residual = onnx.ModelProto()
+    residual.CopyFrom(quantized)
+    add = next(n for n in residual.graph.node if n.name == "add")
+    add.input[1] = "r1"
+    lint = PassManager("lint-qdq", verify="off").run(residual)
+    assert lint.records[0].stats["float_residual_input"] == 1
+    assert [i["node"] for i in lint.records[0].details["issues"]] == ["add"]
+
+
+def test_accuracy_budget_falls_back_sensitive_layers():
+    from optimizer import optimize
+
+    digits = SAMPLES / "digits_cnn"
+    # a deliberately poor calibration (4 samples, min-max) so INT8 costs accuracy
+    data = np.load(digits / "calib.npz")
+    calib = {"input": data["input"][:4] * 0.1}
+    result = optimize(digits / "model.onnx", "default,quantize-int8(method=minmax)", data=digits / "eval.npz",
+                      calibration=calib, max_accuracy_drop=0.0)
+    budget = result.report.budget
+    assert budget["metric"] == "task_accuracy"
+    assert budget["met"] == (budget["drop"] <= 0.0)
+    if budget["fallbacks"]:
+        assert set(budget["sensitivity"]) >= {f["node"] for f in budget["fallbacks"]}
+    assert result.report.accuracy.task.drop == pytest.approx(budget["drop"], abs=1e-9)
