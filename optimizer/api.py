@@ -45,6 +45,7 @@ def optimize(
     keep_going: bool = False,
     evaluate_accuracy: bool = True,
     max_accuracy_drop: float | None = None,
+    lossy_finite_only: bool | None = None,
     hooks: list[Hook] | None = None,
     progress: Callable[[str, int | None], Callable[..., None]] | None = None,
 ) -> OptimizeResult:
@@ -55,12 +56,13 @@ def optimize(
     (see ``optimizer.budget``); layers fall back to float until it holds, else the report's status
     is ``accuracy_failed``. Raises ``InputError``/``PipelineError`` for bad input. A pass that fails
     verification raises ``PassError`` unless ``keep_going`` (then it is rolled back).
+    ``lossy_finite_only``: verify lossy passes only for finite outputs (default: when a budget is set).
     """
     start = time.perf_counter()
     original, source = load_model(model)
-    manager = PassManager(
-        pipeline, verify=verify, keep_going=keep_going, hooks=hooks, lossy_finite_only=max_accuracy_drop is not None
-    )
+    if lossy_finite_only is None:
+        lossy_finite_only = max_accuracy_drop is not None
+    manager = PassManager(pipeline, verify=verify, keep_going=keep_going, hooks=hooks, lossy_finite_only=lossy_finite_only)
     shape_specs = shapes if isinstance(shapes, dict) else parse_shapes(shapes)
     dataset = load_npz(data) if isinstance(data, (str, os.PathLike)) else data
     specs = input_specs(original)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import json
 import logging
 import sys
 import textwrap
@@ -25,6 +26,8 @@ examples:
   optimize model.onnx --data eval.npz --report report.md
   optimize model.onnx --shapes input:1x3x224x224 --json
   optimize --list-passes
+  optimize check model.onnx --preset int8 --calib calib.npz --data eval.npz --baseline base.json
+  optimize check-trt model.opt.onnx
 """
 
 
@@ -117,8 +120,100 @@ def _progress_factory(enabled: bool):
     return factory
 
 
+def build_check_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="optimize check",
+        description="Fail (exit 1) when an optimized model breaks accuracy/compression bounds.",
+        epilog="examples:\n  optimize check model.onnx --preset int8 --calib calib.npz --data eval.npz "
+        "--baseline tests/baselines/model.int8.json\n  optimize check model.onnx --optimized model.opt.onnx "
+        "--data eval.npz --min-cosine 0.999\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", help="the original ONNX model")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--passes", metavar="TEXT", help="pipeline to run (default: the baseline's, else default)")
+    source.add_argument("--preset", help="named pipeline")
+    source.add_argument("--optimized", metavar="FILE", help="an already optimized model to check instead")
+    parser.add_argument("--data", metavar="X.npz", help="evaluation data (with optional labels)")
+    parser.add_argument("--calib", metavar="DATA", help="calibration data for quantization passes")
+    parser.add_argument("--shapes", action="append", metavar="NAME:DIMS", help="shapes for dynamic inputs")
+    parser.add_argument("--baseline", metavar="REPORT.json", help="a previous JSON report to compare with")
+    parser.add_argument("--max-accuracy-drop", type=float, metavar="POINTS", help="points the metric may lose")
+    parser.add_argument("--min-cosine", type=float, help="minimum cosine similarity of every output")
+    parser.add_argument("--min-compression", type=float, help="minimum compression (original / optimized bytes)")
+    parser.add_argument("--bisect", action="store_true", help="on failure, find the first pass that breaks a bound")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    return parser
+
+
+def check_main(argv: list[str]) -> int:
+    """``optimize check``: 0 when every bound holds, 1 when one breaks, 2 for bad input."""
+    from optimizer.pipeline import PRESETS
+    from optimizer.regression import check_regression
+
+    parser = build_check_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return 0 if exc.code == 0 else 2
+    _quiet_graphsurgeon()
+    pipeline = args.passes or (PRESETS[args.preset] if args.preset in PRESETS else args.preset)
+    try:
+        result = check_regression(
+            args.model, pipeline, optimized=args.optimized, data=args.data, shapes=args.shapes,
+            calibration=args.calib, baseline=args.baseline, max_accuracy_drop=args.max_accuracy_drop,
+            min_cosine=args.min_cosine, min_compression=args.min_compression, bisect=args.bisect,
+        )
+    except OptimizerError as exc:
+        print(f"optimize check: error: {exc}", file=sys.stderr)
+        return 2 if exc.exit_code == 2 else 1
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(result.diff())
+        print("PASS" if result.ok else "FAIL")
+    return 0 if result.ok else 1
+
+
+def check_trt_main(argv: list[str]) -> int:
+    """``optimize check-trt``: per-node TensorRT-RTX parser support; exit 1 if a node is unsupported."""
+    parser = argparse.ArgumentParser(prog="optimize check-trt", description=check_trt_main.__doc__)
+    parser.add_argument("model")
+    parser.add_argument("--shapes", action="append", metavar="NAME:DIMS")
+    parser.add_argument("--compute-capability", default="SM89")
+    parser.add_argument("--build", action="store_true", help="also build an engine (ahead of time, no GPU needed)")
+    parser.add_argument("--json", action="store_true")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return 0 if exc.code == 0 else 2
+    from optimizer.tensorrt_rtx import check_model
+
+    try:
+        result = check_model(args.model, build=args.build, shapes=_shapes(args), compute_capability=args.compute_capability)
+    except OptimizerError as exc:
+        print(f"optimize check-trt: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        for node in result.unsupported:
+            print(f"UNSUPPORTED {node.name} ({node.op_type}{'/' + node.domain if node.domain else ''}): {node.reason}")
+        for error in result.errors:
+            print(f"error: {error}")
+        status = "parsed" if result.parsed else "failed to parse"
+        built = f", engine built ({result.engine_bytes:,} bytes)" if result.built else ""
+        print(f"{args.model}: {status}, {len(result.unsupported)} unsupported node(s){built}")
+    return 0 if result.parsed and not result.unsupported and (result.built or not args.build) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``optimize`` command; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "check":
+        return check_main(argv[1:])
+    if argv and argv[0] == "check-trt":
+        return check_trt_main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
