@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="check after every pass (default: numeric)")
     parser.add_argument("--keep-going", action="store_true", help="roll back a pass that fails verification and go on")
     parser.add_argument("--no-eval", action="store_true", help="skip the accuracy evaluation at the end")
-    parser.add_argument("--report", action="append", metavar="FILE", help="write the report (.json or .md); repeatable")
+    parser.add_argument("--report", action="append", metavar="FILE", help="write the report (.json, .md or .html); repeatable")
     parser.add_argument("--json", action="store_true", help="print the JSON report on stdout and nothing else")
     parser.add_argument("--list-passes", action="store_true", help="list the passes with their help and exit")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")

@@ -142,6 +142,12 @@ class Report:
             lines += ["", "## Warnings", ""] + [f"- {w}" for w in self.warnings]
         return "\n".join(lines) + "\n"
 
+    def to_html(self) -> str:
+        """One self-contained page (inline SVG charts, no scripts, no network)."""
+        from optimizer.html_report import render_html
+
+        return render_html(json.loads(self.to_json()))
+
     # -- terminal ----------------------------------------------------------------------------
     def print_table(self, console=None) -> None:
         """A compact summary for humans, using rich."""
@@ -192,7 +198,7 @@ class Report:
             console.print(f"[red]{self.status}[/red]: {self.error}", highlight=False)
 
     def save(self, path: str | Path) -> Path:
-        """Write JSON (``.json``) or Markdown (``.md``) by extension."""
+        """Write JSON (``.json``), Markdown (``.md``) or HTML (``.html``) by extension."""
         from optimizer.io import write_text_atomic
 
         path = Path(path)
@@ -200,10 +206,12 @@ class Report:
             write_text_atomic(path, self.to_json())
         elif path.suffix.lower() in (".md", ".markdown"):
             write_text_atomic(path, self.to_markdown())
+        elif path.suffix.lower() in (".html", ".htm"):
+            write_text_atomic(path, self.to_html())
         else:
             from optimizer.errors import InputError
 
-            raise InputError(f"unknown report format '{path.suffix}' for {path}; use .json or .md")
+            raise InputError(f"unknown report format '{path.suffix}' for {path}; use .json, .md or .html")
         return path
 
 
