@@ -29,7 +29,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -634,3 +634,29 @@ def _open_path(path: Path, specs: list[InputSpec], image_spec: ImageSpec | None)
     if find_images(path):
         return ImageFolderSource.open(path, image_spec)
     raise InputError(f"{path}: holds neither .npy files nor images ({', '.join(IMAGE_SUFFIXES)})")
+
+
+@dataclass
+class AdaptedSource:
+    """A source whose batches are read in the original model's layout and then mapped with
+    ``adapt`` (e.g. transposed to the NCHW inputs ``layout-nchw(io=nchw)`` gave the model)."""
+
+    source: CalibrationSource
+    original_specs: list[InputSpec]
+    adapt: Callable[[Feeds], Feeds]
+
+    @property
+    def description(self) -> str:
+        return self.source.description
+
+    @property
+    def synthetic(self) -> bool:
+        return self.source.synthetic
+
+    @property
+    def num_samples(self) -> int:
+        return self.source.num_samples
+
+    def batches(self, specs: list[InputSpec], batch_size: int) -> Iterator[Feeds]:
+        for feeds in self.source.batches(self.original_specs, batch_size):
+            yield self.adapt(feeds)

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--workspace", type=int, metavar="MB", help="builder workspace limit in MiB")
     engine.add_argument("--check-trt", action="store_true",
                         help="report, per node, whether TensorRT-RTX's ONNX parser supports the optimized model")
+    parser.add_argument("--input-layout", choices=("keep", "nchw"), default="keep",
+                        help="nchw: a channel-last model's inputs/outputs become NCHW (layout-nchw(io=nchw))")
     parser.add_argument("--verify", choices=("numeric", "structural", "off"), default="numeric",
                         help="check after every pass (default: numeric)")
     parser.add_argument("--keep-going", action="store_true", help="roll back a pass that fails verification and go on")
@@ -255,9 +257,10 @@ def _quiet_graphsurgeon() -> None:
         pass
 
 
-def pipeline_from_args(args: argparse.Namespace) -> str:
-    """The pipeline text: --passes or --preset, then the precision passes asked for by flags."""
-    from optimizer.pipeline import PRESETS
+def pipeline_from_args(args: argparse.Namespace):
+    """The pipeline: --passes or --preset, then the precision passes asked for by flags, with
+    ``layout-nchw`` switched to NCHW inputs/outputs by ``--input-layout nchw``."""
+    from optimizer.pipeline import PRESETS, iter_passes, parse_pipeline
 
     base = args.passes if args.passes is not None else PRESETS[args.preset or "default"]
     extra = []
@@ -265,7 +268,16 @@ def pipeline_from_args(args: argparse.Namespace) -> str:
         extra.append(f"quantize-int8(method={args.calib_method})")
     if args.fp16:
         extra.append("convert-fp16")
-    return ",".join(part for part in [base, *extra] if part)
+    steps = parse_pipeline(",".join(part for part in [base, *extra] if part))
+    if args.input_layout == "nchw":
+        layout = [p for p in iter_passes(steps) if p.name == "layout-nchw"]
+        if not layout:
+            from optimizer.errors import PipelineError
+
+            raise PipelineError("--input-layout nchw needs layout-nchw in the pipeline (it is in the default preset)")
+        for p in layout:
+            p.io = "nchw"
+    return steps
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ import onnx
 
 from calibration.data import ArrayData, ShapeSpec, synthetic_inputs
 from optimizer.metrics import OutputAccumulator, OutputMetrics
-from optimizer.runtime import OrtRunner, input_specs
+from optimizer.runtime import InputSpec, OrtRunner, input_specs, run_like
 
 
 @dataclass
@@ -73,8 +73,8 @@ def evaluate(
         report = AccuracyReport("synthetic", True, samples, warnings=warnings)
     else:
         data.check(specs)
-        # Batch by the optimized model's inputs: passes may have fixed a dynamic batch dim.
-        batches = data.batches(input_specs(optimized), batch_size)
+        # Batch by the optimized model's batch dims: passes may have fixed a dynamic one.
+        batches = data.batches(_with_batch_dims(specs, input_specs(optimized)), batch_size)
         report = AccuracyReport(data.source, False, 0, warnings=data.warnings)
     accumulators = {name: OutputAccumulator(name) for name in ref_runner.output_names}
     first = ref_runner.output_names[0]
@@ -82,7 +82,7 @@ def evaluate(
     advance = progress("evaluating", data.num_samples if data is not None else None) if progress else None
     for feeds, labels in batches:
         ref = ref_runner.run(feeds)
-        new = new_runner.run(feeds)
+        new = run_like(original, optimized, new_runner, feeds)
         for name, acc in accumulators.items():
             acc.update(ref[name], new[name])
         if labels is not None and ref[first].ndim >= 2:
@@ -114,3 +114,12 @@ def compare_streams(reference: OrtRunner, batches: list[dict], outputs: list[dic
             if name in got:
                 accumulators.setdefault(name, OutputAccumulator(name)).update(value, got[name])
     return [acc.result() for acc in accumulators.values()]
+
+
+def _with_batch_dims(original: list[InputSpec], optimized: list[InputSpec]) -> list[InputSpec]:
+    """The original input specs (the data's layout) with the optimized model's batch dims."""
+    batch = {s.name: s.shape[0] for s in optimized if s.shape}
+    return [
+        InputSpec(s.name, s.dtype, (batch.get(s.name, s.shape[0]),) + tuple(s.shape[1:])) if s.shape else s
+        for s in original
+    ]

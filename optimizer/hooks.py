@@ -16,7 +16,7 @@ from optimizer.pass_base import PassContext, Tolerance
 
 #: Accepts any finite output of the right shape (lossy passes under an accuracy budget).
 FINITE_ONLY = Tolerance(rtol=float("inf"), atol=float("inf"), min_cosine=None, max_mismatch=0.0)
-from optimizer.runtime import OrtRunner, input_specs
+from optimizer.runtime import OrtRunner, input_specs, run_like
 from optimizer.stats import model_stats
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,7 @@ class VerifyHook(Hook):
                 specs = input_specs(model)
                 ctx.reference_inputs = synthetic_inputs(specs, ctx.input_shapes, warnings=self.warnings)
             self.inputs = ctx.reference_inputs
+            self.original = model
             self.reference = OrtRunner(model).run(self.inputs)
         except InputError as exc:
             self.numeric = False
@@ -122,7 +123,7 @@ class VerifyHook(Hook):
             record.verification = "passed" if self.structural else "skipped"
             record.verification_detail = "structural"
             return
-        outputs = OrtRunner(event.after).run(self.inputs)
+        outputs = run_like(self.original, event.after, OrtRunner(event.after), self.inputs)
         try:
             metrics = compare_outputs(self.reference, outputs)
         except ValueError as exc:

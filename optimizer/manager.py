@@ -89,6 +89,14 @@ def graph_to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProt
         setattr(model, name, getattr(template, name))
     del model.metadata_props[:]
     model.metadata_props.extend(template.metadata_props)
+    from passes.graph_utils import model_metadata
+
+    for key, value in model_metadata(graph).items():  # entries a pass asked for (e.g. new I/O layouts)
+        existing = next((p for p in model.metadata_props if p.key == key), None)
+        if existing is None:
+            model.metadata_props.add(key=key, value=value)
+        else:
+            existing.value = value
     pin_ir_version(model, template.ir_version)
     return model
 
@@ -133,6 +141,10 @@ class PassManager:
         if not ctx.opset:
             ctx.opset = next((o.version for o in current.opset_import if o.domain in ("", "ai.onnx")), 0)
         state = _RunState(current, [], [])
+        from optimizer.runtime import input_specs
+
+        self._original = current
+        ctx.original_inputs = input_specs(current)
         for hook in self.hooks:
             hook.start(current, ctx)
             state.warnings.extend(getattr(hook, "warnings", []))
@@ -166,6 +178,9 @@ class PassManager:
         try:
             for hook in self.hooks:
                 hook.before_pass(event)
+            from optimizer.runtime import io_adapter
+
+            ctx.feed_adapter = io_adapter(self._original, state.model)[0]
             graph = gs.import_onnx(state.model)
             result = p.run(graph, ctx)
             if not isinstance(result, PassResult):

@@ -59,6 +59,10 @@ class PassContext:
     precision: str = "fp32"
     progress: Callable[[str, int | None], Callable[..., None]] | None = None
     opset: int = 0
+    #: Set by the manager: the original model's input specs, and how to map feeds laid out for the
+    #: original model to the current one (identity unless a pass changed the I/O layout).
+    original_inputs: list | None = None
+    feed_adapter: Callable[[dict], dict] | None = None
 
     def progress_bar(self, description: str, total: int | None = None) -> Callable[..., None]:
         """A progress callback; a no-op when nobody listens."""

@@ -27,7 +27,7 @@ PRESETS: dict[str, str] = {
     "none": "",
     "cleanup": "cleanup",
     "default": (
-        "fixpoint(cleanup,fold-shapes,fold-constants,simplify-layout-ops,remove-noop-arithmetic,"
+        "fixpoint(cleanup,fold-shapes,fold-constants,layout-nchw,simplify-layout-ops,remove-noop-arithmetic,"
         "fuse-conv-bn,fuse-affine,fuse-matmul-add,fuse-gemm-transpose,fuse-pad,fuse-layernorm,fuse-gelu,cse)"
     ),
 }

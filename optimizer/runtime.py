@@ -119,3 +119,20 @@ class OrtRunner:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return " ".join(text.split())[:400]
+
+
+def io_adapter(original: onnx.ModelProto, candidate: onnx.ModelProto):
+    """``(to_inputs, to_outputs)`` mapping the original model's feeds to ``candidate``'s inputs and
+    its outputs back, when a pass changed the I/O layout (``layout-nchw(io=nchw)`` records the
+    permutations in the model's metadata); identities otherwise."""
+    from passes.layout import io_layout, to_model_inputs, to_original_outputs
+
+    if io_layout(original) == io_layout(candidate):
+        return (lambda feeds: feeds), (lambda outputs: outputs)
+    return (lambda feeds: to_model_inputs(candidate, feeds)), (lambda outputs: to_original_outputs(candidate, outputs))
+
+
+def run_like(original: onnx.ModelProto, candidate: onnx.ModelProto, runner: OrtRunner, feeds: dict) -> dict:
+    """Run ``candidate`` on feeds laid out for ``original``; outputs in ``original``'s layout."""
+    to_inputs, to_outputs = io_adapter(original, candidate)
+    return to_outputs(runner.run(to_inputs(feeds)))

@@ -247,3 +247,39 @@ def set_model_metadata(graph: gs.Graph, key: str, value: str) -> None:
 def model_metadata(graph: gs.Graph) -> dict[str, str]:
     """The ``metadata_props`` entries passes asked for with ``set_model_metadata``."""
     return dict(graph.__dict__.get("_model_metadata", {}))
+
+
+def count_macs(graph: gs.Graph, shapes: dict[str, tuple[int | None, ...]]) -> int:
+    """Multiply-accumulates of the Conv, ConvTranspose, Gemm and MatMul nodes (subgraphs included).
+
+    ``shapes`` maps tensor names to dims (e.g. ``{n: s for n, (s, _) in infer_tensor_types(g).items()
+    if s is not None}``); unknown dims (a dynamic batch) count as 1, so the result is per sample
+    for batch-dynamic models. Layers whose shapes are unknown are left out.
+    """
+
+    def dims(tensor: gs.Tensor) -> tuple[int, ...] | None:
+        if isinstance(tensor, gs.Constant):
+            return tuple(int(d) for d in tensor.shape)
+        known = shapes.get(tensor.name)
+        if known is None:
+            return None
+        return tuple(d if isinstance(d, int) and d >= 0 else 1 for d in known)
+
+    total = 0
+    for g in all_graphs(graph):
+        for node in g.nodes:
+            if node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.inputs) < 2:
+                continue
+            a, b = dims(node.inputs[0]), dims(node.inputs[1])
+            out = dims(node.outputs[0]) if node.outputs else None
+            if node.op == "Conv" and b is not None and out is not None and len(b) >= 2:
+                total += int(np.prod(out, dtype=np.int64)) * int(np.prod(b[1:], dtype=np.int64))
+            elif node.op == "ConvTranspose" and a is not None and b is not None and len(b) >= 2:
+                total += int(np.prod(a, dtype=np.int64)) * int(np.prod(b[1:], dtype=np.int64))
+            elif node.op == "Gemm" and a is not None and b is not None and len(a) == 2 and len(b) == 2:
+                m, k = (a[1], a[0]) if node.attrs.get("transA", 0) else a
+                n = b[0] if node.attrs.get("transB", 0) else b[1]
+                total += m * n * k
+            elif node.op == "MatMul" and a is not None and out is not None and len(a) >= 1:
+                total += int(np.prod(out, dtype=np.int64)) * a[-1]
+    return total

@@ -287,11 +287,9 @@ def calibrate(graph: gs.Graph, tensors: list[str], ctx: PassContext, method: str
     """
     from calibration import collect
     from calibration import ranges as range_methods
-    from calibration.sources import open_source
-    from optimizer.runtime import input_specs
 
     model = _graph_model(graph)
-    source = open_source(ctx.calibration, input_specs(model), shapes=ctx.input_shapes)
+    source = _source_for(model, ctx, ctx.calibration)
     stats = collect.collect_statistics(model, tensors, source, progress=ctx.progress)
     result = {}
     for name, st in stats.items():
@@ -322,16 +320,26 @@ def _round(value):
 def observe_amax(graph: gs.Graph, tensors: list[str], ctx: PassContext) -> dict[str, float]:
     """Largest |value| of ``tensors`` on the calibration data (synthetic if the context has none)."""
     from calibration import collect
-    from calibration.sources import open_source
-    from optimizer.runtime import input_specs
 
     model = _graph_model(graph)
-    source = ctx.calibration
-    if source is None and ctx.reference_inputs is not None:
-        source = {k: v for k, v in ctx.reference_inputs.items()}
-    source = open_source(source, input_specs(model), shapes=ctx.input_shapes)
+    data = ctx.calibration
+    if data is None and ctx.reference_inputs is not None:
+        data = dict(ctx.reference_inputs)
+    source = _source_for(model, ctx, data)
     stats = collect.collect_statistics(model, tensors, source, progress=ctx.progress)
     return {name: float(st.amax) for name, st in stats.items()}
+
+
+def _source_for(model, ctx: PassContext, data):
+    """Calibration data for ``model``, read in the original model's layout and adapted to it."""
+    from calibration.sources import AdaptedSource, open_source
+    from optimizer.runtime import input_specs
+
+    specs = ctx.original_inputs or input_specs(model)
+    source = open_source(data, specs, shapes=ctx.input_shapes)
+    if ctx.feed_adapter is not None and ctx.original_inputs is not None:
+        source = AdaptedSource(source, ctx.original_inputs, ctx.feed_adapter)
+    return source
 
 
 def _graph_model(graph: gs.Graph):
