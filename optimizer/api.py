@@ -106,6 +106,12 @@ def optimize(
         raise
     report.passes = result.records
     report.warnings = list(result.warnings)
+    removed = [s.name for s in specs if s.name not in {i.name for i in input_specs(result.model)}]
+    if removed:
+        report.warnings.append(
+            f"model inputs removed: {', '.join(removed)} (unused, or initializers that were also listed as inputs "
+            "and are now constants); pass cleanup(remove_unused_inputs=false) to keep unused ones"
+        )
     report.optimized = model_stats(result.model)
     if evaluate_accuracy:
         try:

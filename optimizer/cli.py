@@ -263,12 +263,17 @@ def pipeline_from_args(args: argparse.Namespace):
     from optimizer.pipeline import PRESETS, iter_passes, parse_pipeline
 
     base = args.passes if args.passes is not None else PRESETS[args.preset or "default"]
+    names = {p.name for p in iter_passes(parse_pipeline(base))}
     extra = []
-    if args.int8:
+    if args.int8 and "quantize-int8" not in names:
         extra.append(f"quantize-int8(method={args.calib_method})")
-    if args.fp16:
+    if args.fp16 and "convert-fp16" not in names:
         extra.append("convert-fp16")
     steps = parse_pipeline(",".join(part for part in [base, *extra] if part))
+    if args.int8 and "quantize-int8" in names:
+        for p in iter_passes(steps):
+            if p.name == "quantize-int8":
+                p.method = args.calib_method
     if args.input_layout == "nchw":
         layout = [p for p in iter_passes(steps) if p.name == "layout-nchw"]
         if not layout:
@@ -285,12 +290,15 @@ def _run(args: argparse.Namespace) -> int:
 
     output = Path(args.output) if args.output else default_output(args.model)
     interactive = not args.json and sys.stderr.isatty()
-    if (args.calib or args.calib_cache) and not args.int8:
-        print("optimize: error: --calib/--calib-cache need --int8", file=sys.stderr)
+    from optimizer.pipeline import iter_passes
+
+    steps = pipeline_from_args(args)
+    if (args.calib or args.calib_cache) and not any(p.name == "quantize-int8" for p in iter_passes(steps)):
+        print("optimize: error: --calib/--calib-cache need --int8 (or a pipeline with quantize-int8)", file=sys.stderr)
         return 2
     result = optimize(
         args.model,
-        pipeline_from_args(args),
+        steps,
         output=output,
         data=args.data,
         shapes=args.shapes,

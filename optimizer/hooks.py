@@ -81,9 +81,13 @@ class VerifyHook(Hook):
         self.structural = True
         self.numeric = mode == "numeric"
         self.inputs: dict[str, np.ndarray] = {}
-        self.reference: dict[str, np.ndarray] = {}
+        self.reference: dict[str, np.ndarray] = {}  # the original model's outputs
+        self.previous: dict[str, np.ndarray] = {}  # the last accepted model's outputs
+        self.lossy_applied = False
+        self._pending = None
 
     def start(self, model: onnx.ModelProto, ctx: PassContext) -> None:
+        self.lossy_applied, self._pending = False, None
         try:
             check_structure(model, full=True)
         except Exception as exc:
@@ -105,6 +109,7 @@ class VerifyHook(Hook):
             self.inputs = ctx.reference_inputs
             self.original = model
             self.reference = OrtRunner(model).run(self.inputs)
+            self.previous = self.reference
         except InputError as exc:
             self.numeric = False
             self.warnings.append(f"numeric verification unavailable: {exc}")
@@ -124,26 +129,39 @@ class VerifyHook(Hook):
             record.verification_detail = "structural"
             return
         outputs = run_like(self.original, event.after, OrtRunner(event.after), self.inputs)
+        lossy = type(event.pass_).lossy
+        tol = type(event.pass_).tolerance
+        if self.lossy_finite_only and lossy:
+            tol = FINITE_ONLY
+        # Lossless passes must reproduce the original exactly -- or, once a lossy pass has changed
+        # the numerics, the previous model exactly. A lossy pass is judged against the model it
+        # received, so a later pass is never blamed for an earlier pass's loss.
+        reference = self.previous if (lossy or self.lossy_applied) else self.reference
         try:
-            metrics = compare_outputs(self.reference, outputs)
+            metrics = compare_outputs(reference, outputs)
         except ValueError as exc:
             raise VerificationError(str(exc)) from None
         record.outputs = metrics
-        tol = type(event.pass_).tolerance
-        if self.lossy_finite_only and type(event.pass_).lossy:
-            tol = FINITE_ONLY
         bad = first_violation(metrics, tol)
         worst = max(metrics, key=lambda m: m.max_rel, default=None)
-        record.verification_detail = f"numeric: {worst.name}: {worst.describe()}" if worst else "numeric"
+        against = "previous model" if reference is self.previous and reference is not self.reference else "original"
+        record.verification_detail = f"numeric vs {against}: {worst.name}: {worst.describe()}" if worst else "numeric"
         if bad is not None:
             raise VerificationError(
-                f"output '{bad.name}' diverges from the original: {bad.describe()} "
+                f"output '{bad.name}' diverges from the {against}: {bad.describe()} "
                 f"(allowed: abs err <= {tol.atol:g} + {tol.rtol:g} * max|ref| = {tol.atol + tol.rtol * bad.max_ref:.3g}"
                 + (f", cosine >= {tol.min_cosine}" if tol.min_cosine is not None else "")
                 + ")",
                 output_name=bad.name,
             )
+        self._pending = (outputs, lossy)
         record.verification = "passed"
+
+    def accepted(self, event: PassEvent) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None and event.after is not None:
+            self.previous, lossy = pending
+            self.lossy_applied |= lossy
 
 
 def _short(exc: BaseException) -> str:

@@ -70,6 +70,9 @@ class Hook:
     def after_pass(self, event: PassEvent) -> None:
         """Called after the pass ran and the graph was cleaned up, sorted and exported."""
 
+    def accepted(self, event: PassEvent) -> None:
+        """Called once every hook's ``after_pass`` succeeded: the pass's model is now current."""
+
 
 @dataclass
 class RunResult:
@@ -212,6 +215,8 @@ class PassManager:
                 error = PassError(message, p.name, event.passes_before)
             error.records = state.records
             raise error from exc
+        for hook in self.hooks:
+            hook.accepted(event)
         if event.after is not None:
             state.model = event.after
             return True

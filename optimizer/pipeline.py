@@ -94,7 +94,7 @@ def _parse_step(part: str) -> Step | list[Step]:
     if not match:
         raise PipelineError(f"cannot parse pipeline step {part!r}; expected name or name(key=value, ...)")
     name, args = match.group(1), match.group(2)
-    if args is None and name in PRESETS and name not in available_passes():
+    if args is None and name in PRESETS and name not in available_passes() and PRESETS[name] != name:
         return parse_pipeline(PRESETS[name])  # a preset used as a step expands in place
     if name == "fixpoint":
         inner = parse_pipeline(args or "")

@@ -202,15 +202,22 @@ class FoldConstants(Pass):
             return bool(reason)
 
         before = sum(len(g.nodes) for g in all_graphs(graph))
+        # graphsurgeon imports If/Loop/Scan bodies without an IR version and would evaluate them at
+        # onnx's default (14), which ONNX Runtime 1.31 refuses.
+        for sub in graph.subgraphs(recursive=True):
+            sub.ir_version = min(sub.ir_version or graph.ir_version or 10, 10)
         try:
             graph.fold_constants(fold_shapes=self.fold_shapes, error_ok=False, should_exclude_node=exclude)
         except Exception as exc:
             # One node ONNX Runtime cannot evaluate (a custom op, say) makes whole-graph folding fail.
             # Partitioned folding isolates it, at a cost quadratic in graph size, so it is the fallback.
             log.info("constant folding in one piece failed (%s); retrying partitioned", exc)
-            graph.fold_constants(
-                fold_shapes=self.fold_shapes, partitioning="basic", error_ok=True, should_exclude_node=exclude
-            )
+            try:
+                graph.fold_constants(
+                    fold_shapes=self.fold_shapes, partitioning="basic", error_ok=True, should_exclude_node=exclude
+                )
+            except (Exception, RecursionError) as exc2:  # leave the graph as graphsurgeon left it
+                log.warning("constant folding gave up: %s", exc2)
         graph.cleanup()
         after = sum(len(g.nodes) for g in all_graphs(graph))
         stats = {"folded_nodes": before - after}

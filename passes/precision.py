@@ -61,6 +61,10 @@ class ConvertFp16(Pass):
     - it reads a constant with values beyond +-65504 (FP16's range);
     - one of its float outputs exceeds ``max_activation`` (default 512, as NVIDIA's AutoCast) in
       magnitude on the calibration data (or on the verification inputs when there is none);
+    - it is in an INT8 region: it reads a DequantizeLinear output, or a QuantizeLinear is reachable
+      from it through float ops (FP16 rounding there would move values across INT8 steps, and a
+      Cast between Q/DQ and a layer would stop TensorRT fusing them); so after ``quantize-int8``
+      FP16 covers what stayed float;
     - its name is listed in ``exclude``; it lives in an If/Loop/Scan body (left in float32).
     Float32 constants read only by FP16 nodes are stored in FP16 (half the bytes). Casts are
     inserted wherever precision changes; graph inputs and outputs keep their types unless
@@ -91,6 +95,7 @@ class ConvertFp16(Pass):
         amax = _activation_ranges(graph, ctx, [t.name for n in graph.nodes for t in n.outputs if dtype_of(t) == np.float32])
         keep = set(self.keep_ops)
         reasons: dict[str, int] = {}
+        int8_region = _int8_region(graph)
 
         def reason_fp32(node: gs.Node) -> str:
             if node.op in keep:
@@ -99,6 +104,8 @@ class ConvertFp16(Pass):
                 return "op_not_fp16"
             if node.name in self.exclude:
                 return "excluded"
+            if id(node) in int8_region:
+                return "int8_region"  # FP16 rounding upstream of a QuantizeLinear would shift INT8 steps
             for i in _float_inputs(node, FP16_OPS[node.op]):
                 values = constant_values(node.inputs[i])
                 if values is not None and values.dtype == np.float32 and values.size and np.abs(values).max() > FP16_MAX:
@@ -162,6 +169,22 @@ class ConvertFp16(Pass):
         }
         details = {"fp32_reasons": reasons, "max_activation": self.max_activation}
         return PassResult(True, stats=stats, details=details)
+
+
+def _int8_region(graph: gs.Graph) -> set[int]:
+    """Nodes that read a DequantizeLinear output or from which a QuantizeLinear is reachable."""
+    region: set[int] = set()
+    stack = [t.inputs[0] for n in graph.nodes if n.op == "QuantizeLinear" for t in n.inputs[:1] if len(t.inputs) == 1]
+    while stack:
+        node = stack.pop()
+        if id(node) in region or node.op in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        region.add(id(node))
+        stack.extend(t.inputs[0] for t in node.inputs if len(t.inputs) == 1)
+    for node in graph.nodes:
+        if any(len(t.inputs) == 1 and t.inputs[0].op == "DequantizeLinear" for t in node.inputs):
+            region.add(id(node))
+    return region
 
 
 def _produced_by(t: gs.Tensor, nodes: set[int]) -> bool:

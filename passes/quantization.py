@@ -171,7 +171,8 @@ class QuantizeInt8(Pass):
     - Conv, ConvTranspose, Gemm, MatMul with a constant weight: the activation input per tensor
       (scale from calibration), the weight per output channel (axis 0 for Conv, 1 for
       ConvTranspose and for Gemm/MatMul [K,N] weights), symmetric, zero point 0, stored as INT8.
-      Outputs are not quantized.
+      Outputs are not quantized. Below opset 13 (no per-channel DequantizeLinear) weights are
+      quantized per tensor; below opset 10 (no Q/DQ ops) the pass does nothing.
     - Add with a Conv on one side (a residual block): the other input is quantized so TensorRT
       can fuse Conv+Add (option ``residual``).
     - AveragePool/GlobalAveragePool inputs only with ``pooling=true``.
@@ -206,8 +207,16 @@ class QuantizeInt8(Pass):
             raise ValueError(f"method must be one of minmax, percentile, entropy, mse, auto; got {self.method!r}")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        opset = int(graph.opset or ctx.opset or 0)
+        if opset < 10:  # QuantizeLinear/DequantizeLinear exist from opset 10
+            return PassResult(False, stats={"skipped_opset_below_10": 1})
         opts = PlacementOptions(self.min_weight_elements, self.pooling, self.residual)
         sites, skipped = find_sites(graph, opts)
+        if opset < 13:  # per-channel DequantizeLinear (axis) exists from opset 13: per-tensor weights
+            for site in sites:
+                if site.kind == "weight" and site.axis is not None:
+                    site.axis = None
+                    skipped["per_tensor_weights_opset_below_13"] = skipped.get("per_tensor_weights_opset_below_13", 0) + 1
         excluded = set(self.exclude)
         if excluded:
             kept = [s for s in sites if s.node.name not in excluded]

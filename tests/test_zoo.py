@@ -1,0 +1,221 @@
+"""Robustness: every preset on the zoo of third-party-like models (sample_models/zoo/).
+
+For each zoo model x preset the ``optimize`` command (run in-process through ``optimizer.cli.main``)
+must exit 0 (or 1 with a verification message, for int8 only) and never raise; the output must pass
+``onnx.checker`` (full check), run in ONNX Runtime, and
+
+* ``default``: match the original within 1e-5 relative (``assert_same_outputs``),
+* ``fp16``: no NaN/Inf, cosine >= 0.99 per output,
+* ``int8`` (calibrated on the model's .npz): no NaN/Inf, cosine >= 0.9 per output,
+
+on the model's .npz inputs *and* on re-batched / shortened variants of them (batch 1, batch 3, a
+shorter sequence for models with a dynamic time axis), so that a pass that bakes the verification
+batch size into the graph is caught. Every output must also parse in TensorRT-RTX with no
+unsupported node and build an engine ahead of time (SM89, no GPU needed). ``best`` (int8 + fp16)
+is checked like int8. Rebuild the zoo with ``python sample_models/zoo/build_zoo.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from helpers import ROOT, assert_same_outputs, run
+
+from optimizer.runtime import input_specs
+
+ZOO = ROOT / "sample_models" / "zoo"
+MODELS = sorted(p.stem for p in ZOO.glob("*.onnx"))
+#: ``best`` (= default, quantize-int8, convert-fp16) is not in the original brief but is a shipped
+#: preset; it is held to the int8 rules.
+PRESETS = ("default", "fp16", "int8", "best")
+MIN_COSINE = {"fp16": 0.99, "int8": 0.9, "best": 0.9}
+CALIBRATED = ("int8", "best")
+
+#: Models whose original graph has ops TensorRT-RTX genuinely cannot import: {model: {op_type, ...}}.
+#: (None today: every zoo model parses before optimization.)
+TRT_UNSUPPORTED: dict[str, set[str]] = {}
+
+
+def test_zoo_is_present():
+    assert len(MODELS) >= 10, f"expected the zoo in {ZOO}; run python sample_models/zoo/build_zoo.py"
+    for name in MODELS:
+        path = ZOO / f"{name}.onnx"
+        assert (ZOO / f"{name}.npz").is_file(), name
+        assert path.stat().st_size < 300 * 1024, name
+        model = onnx.load(str(path))
+        assert model.ir_version <= 10, name
+        onnx.checker.check_model(model, full_check=True)
+
+
+# --------------------------------------------------------------------------- helpers
+def _load_npz(name: str) -> dict[str, np.ndarray]:
+    with np.load(ZOO / f"{name}.npz", allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def _feed_variants(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """The .npz batch, plus batch 1 / batch 3 and a shorter sequence where those dims are dynamic."""
+    specs = {s.name: s for s in input_specs(model)}
+    feeds = {k: v for k, v in feeds.items() if k in specs}
+    variants = {"npz": feeds}
+    if all(specs[k].shape and not isinstance(specs[k].shape[0], int) for k in feeds):
+        variants["batch1"] = {k: v[-1:] for k, v in feeds.items()}
+        variants["batch3"] = {k: v[:3] for k, v in feeds.items()}
+    # dynamic non-batch dims (sequence / time): cut every axis carrying that dim name to about half
+    dyn = {}
+    for k, spec in specs.items():
+        for axis, d in enumerate(spec.shape or ()):
+            if axis > 0 and not isinstance(d, int):
+                dyn.setdefault(d, []).append((k, axis))
+    if dyn:
+        short = dict(feeds)
+        for uses in dyn.values():
+            for k, axis in uses:
+                n = feeds[k].shape[axis]
+                short[k] = np.take(short[k], np.arange(max(2, n // 2)), axis=axis)
+        variants["short"] = short
+    return variants
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.astype(np.float64).ravel()
+    b = b.astype(np.float64).ravel()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 and nb == 0:
+        return 1.0
+    return float(a @ b / (na * nb)) if na and nb else 0.0
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+_RUNS: dict[tuple[str, str], dict] = {}
+
+
+@pytest.fixture(scope="module")
+def zoo_out(tmp_path_factory):
+    return tmp_path_factory.mktemp("zoo_out")
+
+
+def _optimize(name: str, preset: str, out_dir: Path, capsys) -> dict:
+    """Run the ``optimize`` command in-process once per (model, preset); cache the outcome.
+
+    int8 goes through ``--int8 --calib`` (= the int8 preset's pipeline), best through
+    ``--int8 --calib --fp16`` (= the best preset's pipeline); ``--preset int8 --calib`` is covered
+    separately by ``test_cli_preset_int8_accepts_calib``.
+    """
+    key = (name, preset)
+    if key in _RUNS:
+        return _RUNS[key]
+    from optimizer.cli import main
+
+    src = ZOO / f"{name}.onnx"
+    npz = ZOO / f"{name}.npz"
+    out = out_dir / f"{name}.{preset}.onnx"
+    args = [str(src), "-o", str(out), "--data", str(npz), "--json"]
+    if preset == "int8":
+        args += ["--int8", "--calib", str(npz)]
+    elif preset == "best":
+        args += ["--int8", "--calib", str(npz), "--fp16"]
+    else:
+        args += ["--preset", preset]
+    before = _digest(src)
+    capsys.readouterr()
+    code = main(args)  # an exception here is a crash: the command must never raise
+    captured = capsys.readouterr()
+    assert _digest(src) == before, f"{name}: the input model was modified"
+    report = None
+    if captured.out.strip():
+        report = json.loads(captured.out)
+    _RUNS[key] = {"code": code, "out": out, "stderr": captured.err, "report": report}
+    return _RUNS[key]
+
+
+# --------------------------------------------------------------------------- the matrix
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("name", MODELS)
+def test_zoo_preset(name, preset, zoo_out, capsys):
+    result = _optimize(name, preset, zoo_out, capsys)
+    code, err = result["code"], result["stderr"]
+    assert "Traceback" not in err, f"{name}/{preset}: traceback on stderr:\n{err}"
+    if preset in CALIBRATED and code == 1:
+        # allowed: the lossy quantization pass itself refused by numeric verification, in one line.
+        # A lossless pass failing (or crashing) on the way is a bug, as for the other presets.
+        assert re.search(r"pass 'quantize-int8[^']*' failed", err) and "diverges" in err, (
+            f"{name}/{preset}: exit 1 that is not an int8 verification failure: {err.strip()}")
+        pytest.skip(f"int8 refused by verification (exit 1): {err.strip()[:300]}")
+    assert code == 0, f"{name}/{preset}: exit code {code}: {err.strip()}"
+    assert result["report"] is not None and result["report"]["status"] == "ok", result["report"]
+
+    out = result["out"]
+    assert out.is_file(), f"{name}/{preset}: no output written"
+    optimized = onnx.load(str(out))
+    onnx.checker.check_model(optimized, full_check=True)
+    original = onnx.load(str(ZOO / f"{name}.onnx"))
+
+    for label, feeds in _feed_variants(original, _load_npz(name)).items():
+        if preset == "default":
+            try:
+                assert_same_outputs(original, optimized, feeds, rtol=1e-5)
+            except AssertionError as exc:
+                raise AssertionError(f"{name}/default on {label} inputs "
+                                     f"{ {k: v.shape for k, v in feeds.items()} }: {exc}") from None
+            continue
+        ref = run(original, feeds)
+        new = run(optimized, feeds)  # raises if ONNX Runtime cannot run the optimized model
+        assert list(ref) == list(new), f"{name}/{preset}: output names changed"
+        for out_name in ref:
+            assert ref[out_name].shape == new[out_name].shape, (name, preset, label, out_name)
+            if new[out_name].dtype.kind == "f":
+                assert np.isfinite(new[out_name]).all(), f"{name}/{preset}/{label}: NaN/Inf in '{out_name}'"
+                cos = _cosine(ref[out_name], new[out_name])
+                assert cos >= MIN_COSINE[preset], f"{name}/{preset}/{label}: cosine {cos:.4f} for '{out_name}'"
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("name", MODELS)
+def test_zoo_output_builds_in_tensorrt_rtx(name, preset, zoo_out, capsys):
+    """The optimized model parses in TensorRT-RTX with no unsupported node, and an engine builds (SM89)."""
+    pytest.importorskip("tensorrt_rtx")
+    from optimizer.tensorrt_rtx import check_model
+
+    result = _optimize(name, preset, zoo_out, capsys)
+    if result["code"] != 0:
+        pytest.skip(f"{name}/{preset}: optimize failed (see test_zoo_preset): {result['stderr'].strip()[:200]}")
+    checked = check_model(result["out"], build=True)
+    unsupported = {(n.op_type, n.name, n.reason) for n in checked.unsupported}
+    allowed = TRT_UNSUPPORTED.get(name, set())
+    unexpected = sorted(u for u in unsupported if u[0] not in allowed)
+    assert checked.parsed or allowed, f"{name}/{preset}: TensorRT-RTX cannot parse the output: {checked.errors[:3]}"
+    assert not unexpected, f"{name}/{preset}: unsupported in TensorRT-RTX after optimization: {unexpected}"
+    if not allowed:
+        assert checked.built, f"{name}/{preset}: TensorRT-RTX engine build failed: {checked.errors[:3]}"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_zoo_original_parses_in_tensorrt_rtx(name):
+    """Baseline for the check above: what TensorRT-RTX makes of the original (TRT_UNSUPPORTED lists the exceptions)."""
+    pytest.importorskip("tensorrt_rtx")
+    from optimizer.tensorrt_rtx import check_model
+
+    checked = check_model(ZOO / f"{name}.onnx", build=False)
+    assert {n.op_type for n in checked.unsupported} == TRT_UNSUPPORTED.get(name, set()), checked.unsupported
+
+
+def test_cli_preset_int8_accepts_calib(tmp_path, capsys):
+    """``optimize m.onnx --preset int8 --calib c.npz`` (the documented way to calibrate the int8 preset)."""
+    from optimizer.cli import main
+
+    name = "mobilenet_v2_tiny"
+    npz = ZOO / f"{name}.npz"
+    code = main([str(ZOO / f"{name}.onnx"), "-o", str(tmp_path / "m.onnx"), "--preset", "int8",
+                 "--calib", str(npz), "--data", str(npz), "--json"])
+    err = capsys.readouterr().err
+    assert code == 0, f"exit {code}: {err.strip()}"
