@@ -4,11 +4,13 @@
 evaluation data has labels, else argmax agreement with the original (in %), else cosine
 similarity x 100. After the pipeline runs, if the drop exceeds ``D``:
 
-1. the pipeline is split at its first tunable lossy pass (``quantize-int8``): the part before it
-   runs once;
-2. per-layer sensitivity: for each quantized layer, the tail is re-run with only that layer kept
-   in float, and the metric gain is recorded;
-3. layers are returned to float, most sensitive first, until the drop fits (or none are left).
+1. the pipeline is split at its first tunable lossy pass (``quantize-int8`` or
+   ``prune-channels``): the part before it runs once;
+2. per-layer sensitivity: quantization -- the tail is re-run with only that layer kept in float
+   and the metric gain recorded; pruning -- the tail is re-run with only that channel group pruned
+   and the metric loss recorded;
+3. quantization: layers return to float, most sensitive first, until the drop fits; pruning:
+   groups are pruned at the requested ratio, least sensitive first, while the drop still fits.
 
 Every fallback is reported with its measured sensitivity. Evaluation streams the data, so memory
 stays flat; the cost is one evaluation per quantized layer plus one per fallback step.
@@ -29,7 +31,7 @@ from optimizer.pipeline import FixedPoint, Step
 
 log = logging.getLogger(__name__)
 
-TUNABLE = ("quantize-int8",)
+TUNABLE = ("quantize-int8", "prune-channels")
 
 
 @dataclass
@@ -96,6 +98,8 @@ def fit_budget(
     tunable = tail[0]
     prefix = PassManager(head, verify="off").run(original, ctx) if head else None
     start_model = prefix.model if prefix else original
+    if tunable.name == "prune-channels":
+        return _fit_pruning(original, prefix, start_model, tail, ctx, budget, dataset, shapes, first_run, result, base)
     quantized = next((r.details.get("nodes", []) for r in first_run.records if r.name == tunable.name and r.changed), [])
 
     def run_tail(excluded: list[str]):
@@ -122,4 +126,43 @@ def fit_budget(
     result.drop = base - m
     result.met = result.drop <= budget
     result.fallbacks = [Fallback(n, tunable.name, round(result.sensitivity[n], 4)) for n in excluded]
+    return result
+
+
+def _fit_pruning(original, prefix, start_model, tail, ctx, budget, dataset, shapes, first_run, result, base):
+    """Choose which channel groups to prune (least sensitive first) so the drop fits the budget."""
+    tunable = tail[0]
+    record = next((r for r in first_run.records if r.name == tunable.name and r.changed), None)
+    groups = [g["producers"][0] for g in (record.details.get("groups", []) if record else []) if g.get("producers")]
+
+    def run_tail(chosen: list[str]):
+        tuned = replace(tunable, ratio=0.0, ratios=[f"{g}:{tunable.ratio}" for g in chosen])
+        run = PassManager([tuned, *tail[1:]], verify="off").run(start_model, ctx)
+        acc = evaluate(original, run.model, dataset, shapes)
+        return run, acc, metric_of(acc)[2]
+
+    for group in groups:
+        _, _, m = run_tail([group])
+        result.sensitivity[group] = base - m  # points lost when only this group is pruned
+    chosen: list[str] = []
+    best = None
+    for group in sorted(groups, key=lambda g: result.sensitivity[g]):
+        run, acc, m = run_tail(chosen + [group])
+        if base - m <= budget:
+            chosen.append(group)
+            best = (run, acc, m)
+    if best is None:
+        run, acc, m = run_tail([])
+    else:
+        run, acc, m = best
+    check_structure(run.model)
+    result.model = run.model
+    result.records = (prefix.records if prefix else []) + run.records
+    result.accuracy = acc
+    result.drop = base - m
+    result.met = result.drop <= budget
+    result.fallbacks = [
+        Fallback(g, tunable.name, round(-result.sensitivity[g], 4), "left unpruned: accuracy budget")
+        for g in groups if g not in chosen
+    ]
     return result

@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     precision.add_argument("--int8", action="store_true", help="quantize to INT8 with explicit Q/DQ (quantize-int8)")
     precision.add_argument("--fp16", action="store_true", help="convert to FP16 where safe (convert-fp16)")
     precision.add_argument("--calib", metavar="DATA",
-                           help="calibration data: .npz, .npy, a folder of .npy files or of images")
+                           help="calibration data (.npz, .npy, a folder of .npy files or of images) for INT8 ranges, "
+                                "FP16 activation ranges and pruning's bias compensation")
     precision.add_argument("--calib-method", default="entropy",
                            choices=("minmax", "percentile", "entropy", "mse", "auto"),
                            help="range method for --int8 (default: entropy, as TensorRT's EntropyCalibrator2)")
@@ -293,8 +294,13 @@ def _run(args: argparse.Namespace) -> int:
     from optimizer.pipeline import iter_passes
 
     steps = pipeline_from_args(args)
-    if (args.calib or args.calib_cache) and not any(p.name == "quantize-int8" for p in iter_passes(steps)):
-        print("optimize: error: --calib/--calib-cache need --int8 (or a pipeline with quantize-int8)", file=sys.stderr)
+    names = {p.name for p in iter_passes(steps)}
+    if args.calib_cache and "quantize-int8" not in names:
+        print("optimize: error: --calib-cache needs --int8 (or a pipeline with quantize-int8)", file=sys.stderr)
+        return 2
+    if args.calib and not names & {"quantize-int8", "convert-fp16", "prune-channels"}:
+        print("optimize: error: --calib needs --int8, --fp16 or a pipeline with quantize-int8/convert-fp16/prune-channels",
+              file=sys.stderr)
         return 2
     result = optimize(
         args.model,
