@@ -158,18 +158,17 @@ def default_output(model_path: str | os.PathLike) -> Path:
 def write_trt_calibration_cache(report: Report, path: str | os.PathLike) -> Path:
     """Write the activation scales chosen by ``quantize-int8`` as a TensorRT calibration cache."""
     from calibration.cache import write_trt_cache
+    from calibration.ranges import TensorRange
     from optimizer.errors import InputError
 
-    scales: dict[str, float] = {}
-    method = "entropy"
+    ranges: dict[str, TensorRange] = {}
     for record in report.passes:
         if record.name == "quantize-int8" and record.changed and not record.rolled_back:
-            method = record.details.get("calibration", {}).get("method", method)
             for name, info in record.details.get("tensors", {}).items():
-                scales[name] = float(info["scale"])
-    if not scales:
+                ranges[name] = TensorRange(name, float(info["amax"]), str(info["method"]))
+    if not ranges:
         raise InputError("--calib-cache: the pipeline quantized no activations, so there is no cache to write")
-    return write_trt_cache(path, scales, method=method)
+    return write_trt_cache(path, ranges)
 
 
 def evaluate_engine(built, report: Report, onnx_path, data, shapes) -> dict:

@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="range method for --int8 (default: entropy, as TensorRT's EntropyCalibrator2)")
     precision.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
                            help="accuracy budget: fall back the most sensitive layers to float until the drop fits")
+    precision.add_argument("--range-cache", metavar="FILE",
+                           help="JSON range cache: reuse ranges without recalibrating (written when missing)")
     precision.add_argument("--calib-cache", metavar="FILE",
                            help="also write a TensorRT calibration cache (for implicit INT8 on TensorRT 10)")
     engine = parser.add_argument_group("TensorRT engine")
@@ -271,10 +273,12 @@ def pipeline_from_args(args: argparse.Namespace):
     if args.fp16 and "convert-fp16" not in names:
         extra.append("convert-fp16")
     steps = parse_pipeline(",".join(part for part in [base, *extra] if part))
-    if args.int8 and "quantize-int8" in names:
-        for p in iter_passes(steps):
-            if p.name == "quantize-int8":
+    for p in iter_passes(steps):
+        if p.name == "quantize-int8":
+            if args.int8 and "quantize-int8" in names:
                 p.method = args.calib_method
+            if args.range_cache:
+                p.range_cache = args.range_cache
     if args.input_layout == "nchw":
         layout = [p for p in iter_passes(steps) if p.name == "layout-nchw"]
         if not layout:
@@ -359,9 +363,13 @@ def _build_engine(args: argparse.Namespace, onnx_path: Path, report) -> int:
         return 0
     from optimizer.engine import EngineUnavailableError, build_engine
 
+    import onnx
+
+    metadata = {p.key for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
     try:
         built = build_engine(
             onnx_path, args.save_engine, shapes=_shapes(args), strongly_typed=not args.weakly_typed,
+            sparsity="sparsity.2to4" in metadata,  # layers made 2:4-sparse by sparsify-2to4
             fp16=args.weakly_typed and args.fp16, int8=args.weakly_typed and args.int8,
             calibration_cache=args.calib_cache, timing_cache=args.timing_cache, workspace_mb=args.workspace,
         )

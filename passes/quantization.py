@@ -185,7 +185,8 @@ class QuantizeInt8(Pass):
     Options: ``method`` (minmax, percentile, entropy, mse, auto; default entropy, TensorRT's
     EntropyCalibrator2), ``percentile`` (99.99), ``min_weight_elements`` (128), ``residual``
     (true), ``pooling`` (false), ``exclude`` (node names to keep in float; the mixed-precision
-    search fills it). Needs calibration data in the context (``--calib``); without it, synthetic
+    search fills it), ``range_cache`` (a JSON file: ranges are read from it when it was made for
+    this graph structure, else calibrated and written to it). Needs calibration data in the context (``--calib``); without it, synthetic
     data is used and the report says so.
 
     Verification: lossy; outputs must keep cosine similarity >= 0.98 with the original.
@@ -201,6 +202,7 @@ class QuantizeInt8(Pass):
     residual: bool = True
     pooling: bool = False
     exclude: list[str] = field(default_factory=list)
+    range_cache: str = ""
 
     def __post_init__(self):
         if self.method not in ("minmax", "percentile", "entropy", "mse", "auto"):
@@ -225,7 +227,7 @@ class QuantizeInt8(Pass):
         if not sites:
             return PassResult(False, stats={f"skipped_{k}": v for k, v in skipped.items()})
         activations = sorted({s.node.inputs[s.index].name for s in sites if s.kind == "activation"})
-        ranges, calib_info = calibrate(graph, activations, ctx, self.method, self.percentile)
+        ranges, calib_info = calibrate(graph, activations, ctx, self.method, self.percentile, self.range_cache)
         details: dict = {"calibration": calib_info, "tensors": {}, "weights": {}, "nodes": []}
         qdq: dict[str, gs.Variable] = {}
         weights: dict[tuple[str, int | None], gs.Variable] = {}
@@ -289,21 +291,35 @@ def _dequantized_weight(graph: gs.Graph, tensor: gs.Tensor, axis: int | None) ->
     return out, info
 
 
-def calibrate(graph: gs.Graph, tensors: list[str], ctx: PassContext, method: str, percentile: float):
-    """Ranges for ``tensors`` on the context's calibration data (synthetic if none).
+def calibrate(graph: gs.Graph, tensors: list[str], ctx: PassContext, method: str, percentile: float, cache: str = ""):
+    """Ranges for ``tensors`` on the context's calibration data (synthetic if none), or from a
+    JSON range cache made for this graph structure.
 
     Returns ``({name: {"amax", "scale", "method", "sqnr_db"}}, info)``.
     """
+    from pathlib import Path
+
     from calibration import collect
     from calibration import ranges as range_methods
+    from calibration.cache import load_ranges, save_ranges
 
     model = _graph_model(graph)
+    if cache and Path(cache).is_file():
+        cached = load_ranges(cache, model)  # refuses a cache made for another graph structure
+        if all(t in cached for t in tensors):
+            result = {t: {"amax": float(cached[t].amax), "scale": float(cached[t].scale), "method": cached[t].method,
+                          "sqnr_db": _round(cached[t].sqnr_db)} for t in tensors}
+            return result, {"source": f"range cache {cache}", "synthetic": False, "samples": 0, "method": method, "skipped": {}}
     source = _source_for(model, ctx, ctx.calibration)
     stats = collect.collect_statistics(model, tensors, source, progress=ctx.progress)
     result = {}
+    computed = []
     for name, st in stats.items():
         r = range_methods.compute_range(st, method, percentile=percentile)
+        computed.append(r)
         result[name] = {"amax": float(r.amax), "scale": float(r.scale), "method": r.method, "sqnr_db": _round(r.sqnr_db)}
+    if cache and computed and not stats.synthetic:
+        save_ranges(cache, computed, model)
     info = {
         "source": stats.source,
         "synthetic": bool(stats.synthetic),

@@ -238,3 +238,21 @@ def test_custom_domain_op_is_kept_and_reported(tmp_path, capsys):
     assert optimized.graph.node[0].domain == "com.example"
     assert any("numeric verification unavailable" in w for w in report["warnings"])
     assert report["accuracy"] is None
+
+
+def test_int8_writes_trt_calibration_cache_and_reuses_range_cache(workdir, capsys):
+    calib = str(DIGITS / "calib.npz")
+    args = [str(workdir / "model.onnx"), "-o", str(workdir / "q.onnx"), "--int8", "--calib", calib,
+            "--range-cache", str(workdir / "ranges.json"), "--calib-cache", str(workdir / "trt.cache"), "--json"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    lines = (workdir / "trt.cache").read_text().splitlines()
+    assert lines[0].startswith("TRT-") and lines[0].endswith("EntropyCalibration2")
+    assert all(len(line.rsplit(": ", 1)[1]) == 8 for line in lines[1:]) and len(lines) > 2
+    assert (workdir / "ranges.json").exists()
+    assert main(args) == 0  # second run: ranges come from the cache, same model
+    second = json.loads(capsys.readouterr().out)
+    q1 = next(p for p in first["passes"] if p["name"] == "quantize-int8")["details"]
+    q2 = next(p for p in second["passes"] if p["name"] == "quantize-int8")["details"]
+    assert q2["calibration"]["source"].startswith("range cache")
+    assert q1["tensors"] == q2["tensors"]

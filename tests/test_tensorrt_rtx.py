@@ -6,6 +6,8 @@ deserialized or run here.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import onnx
 import onnx.helper as oh
 import pytest
@@ -152,3 +154,17 @@ def test_missing_library_error(monkeypatch):
     with pytest.raises(TensorRTUnavailableError, match="pip install tensorrt-rtx-cu12") as info:
         check_model(_custom_op_model())
     assert isinstance(info.value, OptimizerError)
+
+
+@pytest.mark.parametrize("preset", ["fp16", "int8"])
+@pytest.mark.parametrize("name", ["digits_cnn", "channel_last", "transformer"])
+def test_sample_models_fp16_and_int8_outputs_build(name, preset):
+    """CI proof that our explicit-precision outputs (FP16 types, INT8 Q/DQ) parse and build."""
+    from optimizer import optimize
+
+    folder = Path(__file__).resolve().parent.parent / "sample_models" / name
+    result = optimize(folder / "model.onnx", preset, data=folder / "eval.npz",
+                      calibration=folder / "calib.npz" if preset == "int8" else None)
+    checked = check_model(result.model, build=True)
+    assert checked.parsed and not checked.unsupported, checked.errors
+    assert checked.built and checked.engine_bytes > 0
