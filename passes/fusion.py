@@ -214,19 +214,7 @@ class FuseConvBatchNorm(Pass):
     name = "fuse-conv-bn"
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        folded = 0
-        skips = _Skips()
-        info = _LazyInfo(graph)
-        for g in all_graphs(graph):
-            for bn in list(g.nodes):
-                if bn.op != "BatchNormalization" or not is_default_domain(bn) or not bn.inputs:
-                    continue
-                reason = self._fold(g, bn, info)
-                if reason:
-                    skips.add(reason)
-                else:
-                    folded += 1
-        return PassResult(changed=folded > 0, stats=skips.stats(folded=folded))
+        return _rewrite_sites(graph, ("BatchNormalization",), self._fold, "folded")
 
     def _fold(self, g: gs.Graph, bn: gs.Node, info) -> str:
         if not _bn_is_inference(g, bn):
@@ -338,6 +326,26 @@ class _LazyInfo:
             self.info = infer_tensor_types(self.graph)
         return self.info
 
+def _rewrite_sites(graph: gs.Graph, ops: tuple[str, ...], rewrite, counter: str, min_inputs: int = 1) -> PassResult:
+    """Call ``rewrite(g, node, info)`` on every default-domain node of type ``ops`` (in the graph and
+    its subgraphs); it returns "" when it rewrote the site, a skip reason, or None to ignore it."""
+    done = 0
+    skips = _Skips()
+    info = _LazyInfo(graph)
+    for g in all_graphs(graph):
+        for node in list(g.nodes):
+            if node.op not in ops or not is_default_domain(node) or len(node.inputs) < min_inputs:
+                continue
+            reason = rewrite(g, node, info)
+            if reason is None:
+                continue
+            if reason:
+                skips.add(reason)
+            else:
+                done += 1
+    return PassResult(changed=done > 0, stats=skips.stats(**{counter: done}))
+
+
 
 @register_pass
 @dataclass
@@ -360,21 +368,7 @@ class FuseAffine(Pass):
     name = "fuse-affine"
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        folded = 0
-        skips = _Skips()
-        info = _LazyInfo(graph)
-        for g in all_graphs(graph):
-            for node in list(g.nodes):
-                if node.op not in ("Mul", "Add", "Sub", "Div") or not is_default_domain(node) or len(node.inputs) != 2:
-                    continue
-                reason = self._fold(g, node, info)
-                if reason is None:
-                    continue
-                if reason:
-                    skips.add(reason)
-                else:
-                    folded += 1
-        return PassResult(changed=folded > 0, stats=skips.stats(folded=folded))
+        return _rewrite_sites(graph, ("Mul", "Add", "Sub", "Div"), self._fold, "folded", min_inputs=2)
 
     def _fold(self, g: gs.Graph, node: gs.Node, info) -> str | None:
         order = (0, 1) if node.op in ("Mul", "Add") else (0,)
@@ -578,22 +572,13 @@ class FusePad(Pass):
     name = "fuse-pad"
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        fused = 0
-        skips = _Skips()
-        info = _LazyInfo(graph)
-        for g in all_graphs(graph):
-            for node in list(g.nodes):
-                if node.op not in ("Conv", "AveragePool", "MaxPool") or not is_default_domain(node) or not node.inputs:
-                    continue
-                pad = producer(node.inputs[0])
-                if pad is None or pad.op != "Pad" or not is_default_domain(pad):
-                    continue
-                reason = self._fuse(g, node, pad, info)
-                if reason:
-                    skips.add(reason)
-                else:
-                    fused += 1
-        return PassResult(changed=fused > 0, stats=skips.stats(fused=fused))
+        def rewrite(g, node, info):
+            pad = producer(node.inputs[0])
+            if pad is None or pad.op != "Pad" or not is_default_domain(pad):
+                return None
+            return self._fuse(g, node, pad, info)
+
+        return _rewrite_sites(graph, ("Conv", "AveragePool", "MaxPool"), rewrite, "fused")
 
     def _fuse(self, g, node, pad, info) -> str:
         if not only_consumer(g, node.inputs[0], node):
