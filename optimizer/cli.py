@@ -390,7 +390,8 @@ def _emit_report(report, args: argparse.Namespace) -> None:
     else:
         from rich.console import Console
 
-        report.print_table(Console(highlight=False))
+        # A pipe or CI log has no terminal width: use a wide console so the table is not truncated.
+        report.print_table(Console(highlight=False, width=None if sys.stdout.isatty() else 160))
         if report.output_path:
             print(f"wrote {report.output_path}")
 

@@ -351,7 +351,9 @@ def observe_amax(graph: gs.Graph, tensors: list[str], ctx: PassContext) -> dict[
     if data is None and ctx.reference_inputs is not None:
         data = dict(ctx.reference_inputs)
     source = _source_for(model, ctx, data)
-    stats = collect.collect_statistics(model, tensors, source, progress=ctx.progress)
+    # Without real data this is a smoke check on a few synthetic samples; keep it cheap.
+    limit = None if ctx.calibration is not None else 4
+    stats = collect.collect_statistics(model, tensors, source, progress=ctx.progress, max_samples=limit)
     return {name: float(st.amax) for name, st in stats.items()}
 
 

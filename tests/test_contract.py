@@ -49,7 +49,14 @@ def test_pass_contract(path, name, loaded):
     onnx.checker.check_model(first.model, full_check=True)
     tol = cls.tolerance
     inputs = random_inputs(model, seed=7)
-    assert_same_outputs(model, first.model, inputs, rtol=tol.rtol, atol=tol.atol)
+    if cls.lossy:  # judged by the pass's declared tolerance (cosine, finite outputs), on fresh inputs
+        from optimizer.metrics import compare_outputs
+        from optimizer.runtime import OrtRunner, run_like
+
+        metrics = compare_outputs(OrtRunner(model).run(inputs), run_like(model, first.model, OrtRunner(first.model), inputs))
+        assert all(m.within(tol) for m in metrics), [m.describe() for m in metrics]
+    else:
+        assert_same_outputs(model, first.model, inputs, rtol=tol.rtol, atol=tol.atol)
     second = PassManager(name, verify="structural").run(first.model)
     assert not second.records[0].changed, f"{name} is not idempotent on {path.name}: {second.records[0].stats}"
 
