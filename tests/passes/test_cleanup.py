@@ -1,7 +1,6 @@
 """Differential tests for ``cleanup`` and ``fold-constants``."""
 
 import numpy as np
-import onnx
 import pytest
 from helpers import assert_same_outputs, op_types, parse_model, random_inputs, run_pass
 from onnx import TensorProto, helper, numpy_helper
