@@ -37,6 +37,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ scripts share measure.py
+from measure import ChildRun, _measured, iter_graphs  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES_DIR = REPO / "sample_models"
 LIGHT_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
@@ -92,38 +95,6 @@ def select_models(wanted: list[str] | None) -> list[BenchModel]:
 
 
 # -- child processes ---------------------------------------------------------------------------
-@dataclass
-class ChildRun:
-    returncode: int
-    wall_s: float
-    peak_mb: float | None
-    stdout: str
-    stderr: str
-    timed_out: bool = False
-
-
-GNU_TIME = Path("/usr/bin/time")
-
-# Used when /usr/bin/time is missing: a small process that spawns the command and reports the
-# command's rusage. It must be a fresh small process: on Linux a child's ru_maxrss starts from
-# the RSS of the process it was forked from, so forking the command straight from this (large)
-# benchmark process would report our own memory, not the tool's.
-TRAMPOLINE = (
-    "import os, sys\n"
-    "pid = os.posix_spawn(sys.argv[2], sys.argv[2:], os.environ)\n"
-    "_, status, usage = os.wait4(pid, 0)\n"
-    "open(sys.argv[1], 'w').write(f'0 {usage.ru_maxrss}')\n"
-    "sys.exit(os.waitstatus_to_exitcode(status) & 255)\n"
-)
-
-
-def _measured(cmd: list[str], rusage_file: Path) -> list[str]:
-    """``cmd`` wrapped so that the child's own peak RSS (KiB) lands in ``rusage_file``."""
-    if GNU_TIME.is_file() and os.access(GNU_TIME, os.X_OK):
-        return [str(GNU_TIME), "-q", "-o", str(rusage_file), "-f", "%e %M"] + cmd
-    return [sys.executable, "-S", "-c", TRAMPOLINE, str(rusage_file)] + cmd
-
-
 def run_child(cmd: list[str], workdir: Path, timeout: float) -> ChildRun:
     """Run ``cmd``; wall time from spawn to reap, peak RSS of the command itself.
 
@@ -165,17 +136,6 @@ def one_line(text: str, limit: int = 160) -> str:
 
 
 # -- measuring outputs -------------------------------------------------------------------------
-def iter_graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from iter_graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from iter_graphs(sub)
-
-
 def count_nodes(model: onnx.ModelProto) -> int:
     return sum(len(g.node) for g in iter_graphs(model.graph))
 

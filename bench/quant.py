@@ -52,6 +52,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ scripts share measure.py
+from measure import ChildRun, _measured, iter_graphs  # noqa: E402
 from onnx import numpy_helper
 
 REPO = Path(__file__).resolve().parent.parent
@@ -165,32 +168,6 @@ TRT_CHECK = (
 
 
 # -- child processes (same measurement as bench/bench.py) --------------------------------------
-@dataclass
-class ChildRun:
-    returncode: int
-    wall_s: float
-    peak_mb: float | None
-    stdout: str
-    stderr: str
-    timed_out: bool = False
-
-
-GNU_TIME = Path("/usr/bin/time")
-TRAMPOLINE = (
-    "import os, sys\n"
-    "pid = os.posix_spawn(sys.argv[2], sys.argv[2:], os.environ)\n"
-    "_, status, usage = os.wait4(pid, 0)\n"
-    "open(sys.argv[1], 'w').write(f'0 {usage.ru_maxrss}')\n"
-    "sys.exit(os.waitstatus_to_exitcode(status) & 255)\n"
-)
-
-
-def _measured(cmd: list[str], rusage_file: Path) -> list[str]:
-    if GNU_TIME.is_file() and os.access(GNU_TIME, os.X_OK):
-        return [str(GNU_TIME), "-q", "-o", str(rusage_file), "-f", "%e %M"] + cmd
-    return [sys.executable, "-S", "-c", TRAMPOLINE, str(rusage_file)] + cmd
-
-
 def run_child(cmd: list[str], logdir: Path, cwd: Path, timeout: float) -> ChildRun:
     """Run ``cmd`` in ``cwd``; wall time from spawn to reap, peak RSS of the command itself."""
     logdir.mkdir(parents=True, exist_ok=True)
@@ -271,17 +248,6 @@ class Model:
     eval: Path
     synthetic: bool
     labels: bool
-
-
-def iter_graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from iter_graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from iter_graphs(sub)
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[tuple[str, np.dtype, list[int | None]]]:
