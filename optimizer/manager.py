@@ -176,6 +176,8 @@ class PassManager:
 
     def _run_pass(self, p: Pass, state: _RunState, ctx: PassContext, iteration: int) -> bool:
         record = PassRecord(p.name, p.spec(), iteration)
+        needed = type(p).requires_any_op
+        skip = bool(needed) and not needed & state.op_types()  # nothing it could act on
         event = PassEvent(p, record, state.model, ctx, passes_before=tuple(dict.fromkeys(r.spec for r in state.records)))
         state.records.append(record)
         try:
@@ -184,8 +186,11 @@ class PassManager:
             from optimizer.runtime import io_adapter
 
             ctx.feed_adapter = io_adapter(self._original, state.model)[0]
-            graph = gs.import_onnx(state.model)
-            result = p.run(graph, ctx)
+            if skip:  # no graph import: the pass could not match anything in this model
+                graph, result = None, PassResult(False)
+            else:
+                graph = gs.import_onnx(state.model)
+                result = p.run(graph, ctx)
             if not isinstance(result, PassResult):
                 raise TypeError(f"{type(p).__name__}.run must return a PassResult, got {type(result).__name__}")
             event.result = result
@@ -228,6 +233,15 @@ class _RunState:
     model: onnx.ModelProto
     records: list[PassRecord]
     warnings: list[str]
+    _ops: tuple = (None, frozenset())
+
+    def op_types(self) -> frozenset[str]:
+        """Op types in the current model, subgraphs included (cached per model)."""
+        if self._ops[0] is not self.model:
+            from optimizer.stats import op_histogram
+
+            self._ops = (self.model, frozenset(op_histogram(self.model)))
+        return self._ops[1]
 
 
 def _one_line(exc: BaseException) -> str:

@@ -82,6 +82,9 @@ class Pass:
     name: ClassVar[str] = ""
     lossy: ClassVar[bool] = False
     tolerance: ClassVar[Tolerance] = EXACT
+    #: Op types the pass can act on: when the model (subgraphs included) holds none of them, the
+    #: manager skips the pass without importing the graph. Empty: always run.
+    requires_any_op: ClassVar[frozenset[str]] = frozenset()
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -212,6 +212,7 @@ class FuseConvBatchNorm(Pass):
     """
 
     name = "fuse-conv-bn"
+    requires_any_op = frozenset({"BatchNormalization"})
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         return _rewrite_sites(graph, ("BatchNormalization",), self._fold, "folded")
@@ -252,6 +253,7 @@ class BatchNormToAffine(Pass):
     """
 
     name = "batchnorm-to-affine"
+    requires_any_op = frozenset({"BatchNormalization"})
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         converted = 0
@@ -366,6 +368,7 @@ class FuseAffine(Pass):
     """
 
     name = "fuse-affine"
+    requires_any_op = frozenset({"Mul", "Add", "Sub", "Div"})
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         return _rewrite_sites(graph, ("Mul", "Add", "Sub", "Div"), self._fold, "folded", min_inputs=2)
@@ -430,6 +433,7 @@ class FuseMatMulAdd(Pass):
     """
 
     name = "fuse-matmul-add"
+    requires_any_op = frozenset({"MatMul"})
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         fused = 0
@@ -486,6 +490,7 @@ class FuseGemmTranspose(Pass):
     """
 
     name = "fuse-gemm-transpose"
+    requires_any_op = frozenset({"Transpose"})
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         fused = 0
@@ -570,6 +575,7 @@ class FusePad(Pass):
     """
 
     name = "fuse-pad"
+    requires_any_op = frozenset({"Pad"})
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         def rewrite(g, node, info):

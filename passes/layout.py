@@ -960,6 +960,7 @@ class LayoutNCHW(Pass):
     """
 
     name = "layout-nchw"
+    requires_any_op = frozenset({"Transpose"})
     io: Literal["keep", "nchw"] = "keep"
 
     def __post_init__(self):

@@ -255,6 +255,7 @@ class FuseLayerNorm(Pass):
     """
 
     name = "fuse-layernorm"
+    requires_any_op = frozenset({"ReduceMean"})
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         opset = ctx.opset or graph.opset
@@ -502,6 +503,7 @@ class FuseGelu(Pass):
     """
 
     name = "fuse-gelu"
+    requires_any_op = frozenset({"Erf", "Tanh"})
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         opset = ctx.opset or graph.opset

@@ -188,6 +188,7 @@ class SimplifyLayoutOps(Pass):
     """
 
     name = "simplify-layout-ops"
+    requires_any_op = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Cast", "Slice", "Concat", "Expand"})
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         types = infer_tensor_types(graph)
@@ -418,6 +419,7 @@ class RemoveNoopArithmetic(Pass):
     """
 
     name = "remove-noop-arithmetic"
+    requires_any_op = frozenset({"Mul", "Add", "Sub", "Div", "Pow"})
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         types = infer_tensor_types(graph)
@@ -695,6 +697,7 @@ class FoldShapes(Pass):
     """
 
     name = "fold-shapes"
+    requires_any_op = frozenset({"Shape", "Size"})
     use_input_shapes: bool = True
     max_bytes: int = 1024
 

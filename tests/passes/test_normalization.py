@@ -292,7 +292,7 @@ def test_layernorm_is_idempotent_and_leaves_other_divs():
     model = layernorm_model()
     result, _ = fuse(model)
     again, stats = fuse(result.model)
-    assert not again.records[-1].changed and stats["fused"] == 0
+    assert not again.records[-1].changed and stats.get("fused", 0) == 0  # skipped: no ReduceMean left
 
 
 # --------------------------------------------------------------------------- Gelu models
