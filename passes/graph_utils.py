@@ -139,20 +139,6 @@ def evaluate_constant_expression(tensor: gs.Tensor, opset: int, max_bytes: int =
 InferredType = tuple[tuple[int | None, ...] | None, np.dtype | None]
 
 
-def _proto_graphs(graph):
-    """``graph`` (an ``onnx.GraphProto``) and every subgraph inside it."""
-    import onnx
-
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _proto_graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _proto_graphs(sub)
-
-
 def infer_tensor_types(
     graph: gs.Graph, input_shapes: dict[str, tuple[int, ...]] | None = None
 ) -> dict[str, InferredType]:
@@ -186,7 +172,9 @@ def infer_tensor_types(
     except Exception as exc:  # custom ops, invalid models: what was not inferred stays unknown
         logging.getLogger(__name__).debug("shape inference failed: %s", exc)
     types: dict[str, InferredType] = {}
-    for g in _proto_graphs(model.graph):
+    from optimizer.stats import iter_graphs
+
+    for g in iter_graphs(model.graph):
         for value in list(g.input) + list(g.value_info) + list(g.output):
             if value.name in types or not value.type.HasField("tensor_type"):
                 continue
