@@ -436,27 +436,17 @@ class FuseMatMulAdd(Pass):
     requires_any_op = frozenset({"MatMul"})
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        fused = 0
-        skips = _Skips()
-        info = _LazyInfo(graph)
-        for g in all_graphs(graph):
-            for add in list(g.nodes):
-                if add.op != "Add" or not is_default_domain(add) or len(add.inputs) != 2:
-                    continue
-                for i in (0, 1):
-                    mm = producer(add.inputs[i])
-                    if mm is None or mm.op != "MatMul" or not is_default_domain(mm):
-                        continue
-                    reason = self._fuse(g, add, mm, add.inputs[1 - i], info)
-                    if reason:
-                        skips.add(reason)
-                    else:
-                        fused += 1
-                    break
-        return PassResult(changed=fused > 0, stats=skips.stats(fused=fused))
+        def rewrite(g, add, info):
+            for i in (0, 1):
+                mm = producer(add.inputs[i])
+                if mm is not None and mm.op == "MatMul" and is_default_domain(mm):
+                    return self._fuse(g, add, mm, add.inputs[i], add.inputs[1 - i], info)
+            return None
 
-    def _fuse(self, g, add, mm, bias_t, info) -> str:
-        if not only_consumer(g, add.inputs[0] if producer(add.inputs[0]) is mm else add.inputs[1], add):
+        return _rewrite_sites(graph, ("Add",), rewrite, "fused", min_inputs=2)
+
+    def _fuse(self, g, add, mm, mm_out, bias_t, info) -> str:
+        if not only_consumer(g, mm_out, add):
             return "matmul_output_shared"
         if _rank(mm.inputs[0], info) != 2 or _rank(mm.inputs[1], info) != 2:
             return "not_2d"

@@ -350,20 +350,29 @@ def _perm(node: gs.Node, input_shape: tuple | None) -> list[int] | None:
     return None if input_shape is None else list(reversed(range(len(input_shape))))
 
 
+def _slice_inputs(node: gs.Node) -> list[np.ndarray | None] | None:
+    """A Slice's starts, ends, axes, steps inputs (opset >= 10) as flat constants, None where
+    omitted; None altogether if a given one is not constant."""
+    values: list[np.ndarray | None] = []
+    for i in range(1, 5):
+        t = node.inputs[i] if i < len(node.inputs) else None
+        if t is None or not t.name:
+            values.append(None)
+            continue
+        value = constant_values(t)
+        if value is None:
+            return None
+        values.append(value.reshape(-1))
+    return values
+
+
 def _slice_is_whole(node: gs.Node, dims: tuple | None, skips: set) -> bool:
     """True for a Slice with constant starts 0, ends past the end and steps 1 on every sliced axis."""
     if len(node.inputs) >= 3:  # opset >= 10: starts, ends, axes, steps are inputs
-        parts = []
-        for i in range(1, 5):
-            t = node.inputs[i] if i < len(node.inputs) else None
-            if t is None or not t.name:
-                parts.append(None)
-                continue
-            value = constant_values(t)
-            if value is None:
-                return False
-            parts.append(value.reshape(-1).tolist())
-        starts, ends, axes, steps = parts
+        values = _slice_inputs(node)
+        if values is None:
+            return False
+        starts, ends, axes, steps = (None if v is None else v.tolist() for v in values)
     else:
         starts, ends = node.attrs.get("starts"), node.attrs.get("ends")
         axes, steps = node.attrs.get("axes"), None
@@ -859,17 +868,10 @@ def _shape_read(reader: gs.Node, shape_out: gs.Tensor, dims: list | None) -> np.
             picked.append(dims[i])
         return np.array(picked, dtype=np.int64).reshape(indices.shape)
     if reader.op == "Slice" and len(reader.inputs) >= 3:
-        parts = []
-        for i in range(1, 5):
-            t = reader.inputs[i] if i < len(reader.inputs) else None
-            if t is None or not t.name:
-                parts.append(None)
-                continue
-            value = constant_values(t)
-            if value is None or value.size != 1 or value.dtype.kind not in "iu":
-                return None
-            parts.append(int(value.reshape(-1)[0]))
-        start, end, axis, step = parts
+        values = _slice_inputs(reader)
+        if values is None or any(v is not None and (v.size != 1 or v.dtype.kind not in "iu") for v in values):
+            return None
+        start, end, axis, step = (None if v is None else int(v[0]) for v in values)
         if (axis is not None and axis not in (0, -1)) or step == 0:
             return None
         # Python slicing clamps like ONNX Slice does on a 1-D tensor, for either step sign.
