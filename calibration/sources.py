@@ -197,12 +197,17 @@ class NpzSource:
                 check_array(self.description, spec.name, array.shape, array.dtype, spec)
         self.data.check(specs)
 
-    def batches(self, specs: list[InputSpec], batch_size: int) -> Iterator[Feeds]:
+    def labelled_batches(self, specs: list[InputSpec], batch_size: int) -> Iterator[tuple[Feeds, np.ndarray | None]]:
+        """``(feeds, labels)`` batches; labels are None when the file has none."""
         self.check(specs)
         size = effective_batch_size(specs, batch_size)
         usable = usable_samples(specs, batch_size, self.num_samples, self.warnings, self.description)
-        for feeds, _labels in self.data.batches(specs, size, limit=usable):
-            yield {s.name: np.ascontiguousarray(feeds[s.name], dtype=s.dtype) for s in specs}
+        for feeds, labels in self.data.batches(specs, size, limit=usable):
+            yield {s.name: np.ascontiguousarray(feeds[s.name], dtype=s.dtype) for s in specs}, labels
+
+    def batches(self, specs: list[InputSpec], batch_size: int) -> Iterator[Feeds]:
+        for feeds, _labels in self.labelled_batches(specs, batch_size):
+            yield feeds
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -10,27 +11,31 @@ from typing import Callable
 
 import onnx
 
-from calibration.data import ArrayData, ShapeSpec, load_npz, parse_shapes, synthetic_inputs
-from optimizer.errors import PassError
+from calibration.data import ShapeSpec, parse_shapes
+from calibration.samples import prepare
+from calibration.shapes import ShapePlan
+from optimizer.errors import InputError, PassError
 from optimizer.evaluate import evaluate
+from optimizer.interface import restore_dynamic_dims
 from optimizer.io import default_output_path, load_model, save_model
 from optimizer.manager import Hook, PassManager, VerifyMode
 from optimizer.pass_base import PassContext
 from optimizer.pipeline import Step
 from optimizer.report import Report
-from optimizer.runtime import OrtRunner, RuntimeFailure, input_specs
+from optimizer.runtime import OrtRunner, input_specs
 from optimizer.stats import model_stats
+from optimizer.validate import validate_model
 
-#: Samples of the user's data used for per-pass numeric verification (evaluation uses them all).
-VERIFY_SAMPLES = 8
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class OptimizeResult:
-    """The optimized model (None if the pipeline failed) and the run's report."""
+    """The optimized model (None if the pipeline failed), the run's report, and the shapes it used."""
 
     model: onnx.ModelProto | None
     report: Report
+    shapes: ShapePlan | None = None
 
 
 def optimize(
@@ -38,11 +43,13 @@ def optimize(
     pipeline: str | Step | list = "default",
     *,
     output: str | os.PathLike | None = None,
-    data: str | os.PathLike | ArrayData | None = None,
+    data=None,
     shapes: str | list[str] | dict[str, ShapeSpec] | None = None,
     calibration=None,
     verify: VerifyMode = "numeric",
-    keep_going: bool = False,
+    strict: bool = False,
+    keep_going: bool | None = None,
+    static_shapes: bool = False,
     evaluate_accuracy: bool = True,
     max_accuracy_drop: float | None = None,
     lossy_finite_only: bool | None = None,
@@ -51,61 +58,81 @@ def optimize(
 ) -> OptimizeResult:
     """Optimize ``model`` with ``pipeline``; save to ``output`` when given (never over the input).
 
-    ``calibration``: data for quantization passes (a path to .npz/.npy/a folder, or a
-    ``calibration.sources.CalibrationSource``). ``max_accuracy_drop``: an accuracy budget in points
-    (see ``optimizer.budget``); layers fall back to float until it holds, else the report's status
-    is ``accuracy_failed``. Raises ``InputError``/``PipelineError`` for bad input. A pass that fails
-    verification raises ``PassError`` unless ``keep_going`` (then it is rolled back).
-    ``lossy_finite_only``: verify lossy passes only for finite outputs (default: when a budget is set).
+    A recipe of named steps: load and validate; resolve shapes and plan the samples once
+    (``calibration.samples``); run the verified pipeline (a failing pass is rolled back, or raises
+    ``PassError`` with ``strict``); keep the original's dynamic dims (unless ``static_shapes``);
+    evaluate on the planned samples; fit the accuracy budget; save; report.
+
+    ``data``: evaluation samples (a path to .npz/.npy/a folder, ``ArrayData`` or a
+    ``CalibrationSource``). ``calibration``: data for quantization passes (same kinds).
+    ``shapes``: values for dynamic dims (``name:1x3x224x224`` or ``name:min/opt/max``); they set
+    what verification, calibration and evaluation feed and do not change the model's interface
+    unless ``static_shapes``. ``max_accuracy_drop``: an accuracy budget in points (see
+    ``optimizer.budget``). ``lossy_finite_only``: verify lossy passes only for finite outputs
+    (default: when a budget is set). Raises ``InputError``/``PipelineError`` for bad input.
     """
     start = time.perf_counter()
     original, source = load_model(model)
+    input_warnings = validate_model(original, source.path)
     if lossy_finite_only is None:
         lossy_finite_only = max_accuracy_drop is not None
-    manager = PassManager(pipeline, verify=verify, keep_going=keep_going, hooks=hooks, lossy_finite_only=lossy_finite_only)
-    shape_specs = shapes if isinstance(shapes, dict) else parse_shapes(shapes)
-    dataset = load_npz(data) if isinstance(data, (str, os.PathLike)) else data
     specs = input_specs(original)
-    unknown = [n for n in shape_specs if n not in {s.name for s in specs}]
-    if unknown:
-        from optimizer.errors import InputError
-
-        raise InputError(
-            f"--shapes names unknown input(s) {', '.join(unknown)}; model inputs: {', '.join(s.name for s in specs)}"
-        )
-    # Shapes given as a min/opt/max profile stay dynamic: passes may fold only fixed shapes.
-    fixed = {n: s.opt for n, s in shape_specs.items() if s.min is None and s.max is None}
-    ctx = PassContext(input_shapes=fixed, progress=progress)
-    if dataset is None and len(fixed) < len(shape_specs):
-        ctx.reference_inputs = synthetic_inputs(specs, shape_specs)
-    if calibration is not None:
+    given = _given_shapes(shapes, specs)
+    prepared = prepare(original, specs, given, data=data, calib=calibration)
+    plan, samples = prepared.shapes, prepared.samples
+    if samples is None and verify == "numeric":
+        verify_used: VerifyMode = "structural"
+        if prepared.loadable:
+            input_warnings.append(
+                f"numeric verification unavailable: the original model does not run at any shape tried ({plan.failure}); "
+                f"checking structure only. Pass {plan.hint()} (or --data) to verify numerically"
+            )
+    else:
+        verify_used = verify
+        input_warnings += plan.warnings
+    manager = PassManager(pipeline, verify=verify_used, strict=strict, keep_going=keep_going, hooks=hooks,
+                          lossy_finite_only=lossy_finite_only)
+    ctx = PassContext(input_shapes=dict(plan.shapes) if static_shapes else {}, progress=progress)
+    if samples is not None:
+        ctx.verify_batches = samples.verify
+        ctx.reference_inputs = samples.verify[0] if samples.verify else None
+        ctx.calibration = samples.calibration
+        input_warnings += [w for w in samples.warnings if w not in input_warnings]
+    elif calibration is not None:
         from calibration.sources import open_source
 
-        ctx.calibration = open_source(calibration, specs, shapes=ctx.input_shapes)
-    if dataset is not None:
-        dataset.check(specs)
-        first = next(dataset.batches(specs, VERIFY_SAMPLES, limit=VERIFY_SAMPLES), None)
-        ctx.reference_inputs = first[0] if first else None
+        ctx.calibration = open_source(calibration, specs)
     opset = next((o.version for o in original.opset_import if o.domain in ("", "ai.onnx")), 0)
     report = Report(
         model_path=str(source.path) if source.path else "<ModelProto>",
         pipeline=manager.pipeline_text,
-        verify=verify,
+        verify=verify_used,
         original=model_stats(original),
         opset=opset,
         ir_version=original.ir_version,
     )
+    report.inputs = plan.to_dict()
+    report.samples = samples.to_dict() if samples is not None else None
     try:
         result = manager.run(original, ctx)
     except PassError as exc:
         report.status = "verification_failed"
         report.error = str(exc)
-        report.passes = getattr(exc, "records", [])
+        report.passes = exc.records
+        report.warnings = input_warnings
         report.total_time_s = time.perf_counter() - start
         exc.report = report
         raise
     report.passes = result.records
-    report.warnings = list(result.warnings)
+    report.verification = result.verification
+    report.warnings = input_warnings + [w for w in result.warnings if w not in input_warnings]
+    if static_shapes:
+        report.warnings.append("--static-shapes: inputs may be fixed to " + ", ".join(
+            f"{n} {'x'.join(map(str, s))}" for n, s in plan.shapes.items()))
+    else:
+        restored = restore_dynamic_dims(original, result.model)
+        if restored:
+            log.info("restored the original's dynamic dims of %s", ", ".join(restored))
     removed = [s.name for s in specs if s.name not in {i.name for i in input_specs(result.model)}]
     if removed:
         report.warnings.append(
@@ -114,17 +141,21 @@ def optimize(
         )
     report.optimized = model_stats(result.model)
     if evaluate_accuracy:
-        try:
-            OrtRunner(original)
-        except RuntimeFailure as exc:  # e.g. a custom op ONNX Runtime lacks: nothing to compare against
-            report.warnings.append(f"accuracy not measured: the original model does not run in ONNX Runtime ({exc})")
+        if not prepared.loadable:  # e.g. a custom op ONNX Runtime lacks: nothing to compare against
+            report.warnings.append(f"accuracy not measured: the original model does not run in ONNX Runtime ({plan.failure})")
+        elif samples is None:
+            report.warnings.append(f"accuracy not measured: the original model runs at no shape tried; pass {plan.hint()}")
         else:
-            accuracy = evaluate(original, result.model, dataset, shape_specs, progress=progress)
+            accuracy = evaluate(original, result.model, samples.evaluation, plan.shapes, progress=progress,
+                                note=samples.note, batch_size=1 if prepared.batch_size == 1 else 32)
             if max_accuracy_drop is not None:
                 from optimizer.budget import fit_budget
 
-                fitted = fit_budget(original, manager.steps, ctx, max_accuracy_drop, dataset, shape_specs, result, accuracy)
+                fitted = fit_budget(original, manager.steps, ctx, max_accuracy_drop, samples.evaluation, plan.shapes,
+                                    result, accuracy)
                 result.model, result.records, accuracy = fitted.model, fitted.records, fitted.accuracy
+                if not static_shapes:
+                    restore_dynamic_dims(original, result.model)
                 report.passes = result.records
                 report.optimized = model_stats(result.model)
                 report.budget = {
@@ -143,11 +174,28 @@ def optimize(
                     )
             report.accuracy = accuracy
             report.warnings += [w for w in accuracy.warnings if w not in report.warnings]
+            if accuracy.synthetic:
+                report.warnings.append(
+                    "accuracy figures rest on SYNTHETIC inputs (no --data or --calib given): they say nothing about real accuracy"
+                )
+    rolled = [r for r in result.records if r.rolled_back]
+    if rolled:
+        report.rolled_back = [{"pass": r.spec, "iteration": r.iteration, "why": r.error} for r in rolled]
     if output is not None:
         protect = (source.path,) if source.path else ()
         report.output_path = str(save_model(result.model, output, protect=protect))
     report.total_time_s = time.perf_counter() - start
-    return OptimizeResult(result.model, report)
+    return OptimizeResult(result.model, report, plan)
+
+
+def _given_shapes(shapes, specs) -> dict[str, ShapeSpec]:
+    given = shapes if isinstance(shapes, dict) else parse_shapes(shapes)
+    unknown = [n for n in given if n not in {s.name for s in specs}]
+    if unknown:
+        raise InputError(
+            f"--shapes names unknown input(s) {', '.join(unknown)}; model inputs: {', '.join(s.name for s in specs)}"
+        )
+    return given
 
 
 def default_output(model_path: str | os.PathLike) -> Path:
@@ -178,15 +226,11 @@ def evaluate_engine(built, report: Report, onnx_path, data, shapes) -> dict:
 
     original, _ = load_model(report.model_path)
     optimized, _ = load_model(onnx_path)
-    dataset = load_npz(data) if isinstance(data, (str, os.PathLike)) else data
-    specs = input_specs(optimized)
-    if dataset is not None:
-        dataset.check(specs)
-        batches = [feeds for feeds, _ in dataset.batches(specs, 32)]
-    else:
-        from calibration.data import synthetic_inputs
+    from calibration.sources import open_source
 
-        batches = [synthetic_inputs(specs, shapes or {}, seed=1)]
+    specs = input_specs(optimized)
+    source = open_source(data, specs, shapes=shapes or {}, synthetic_samples=8, seed=1)
+    batches = list(source.batches(specs, 32))
     outputs, latency = run_engine(built.path, batches)
     info = built.to_dict()
     info["latency_ms"] = latency

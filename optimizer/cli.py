@@ -80,7 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="nchw: a channel-last model's inputs/outputs become NCHW (layout-nchw(io=nchw))")
     parser.add_argument("--verify", choices=("numeric", "structural", "off"), default="numeric",
                         help="check after every pass (default: numeric)")
-    parser.add_argument("--keep-going", action="store_true", help="roll back a pass that fails verification and go on")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 1 when a pass fails verification (default: roll it back, warn, and go on)")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="(the default now: a failing pass is rolled back; kept for old scripts)")
+    parser.add_argument("--static-shapes", action="store_true",
+                        help="bake the resolved input shapes into the model (so fold-shapes can fold them); "
+                             "default: the optimized model keeps the original's dynamic dims")
     parser.add_argument("--no-eval", action="store_true", help="skip the accuracy evaluation at the end")
     parser.add_argument("--report", action="append", metavar="FILE", help="write the report (.json, .md or .html); repeatable")
     parser.add_argument("--json", action="store_true", help="print the JSON report on stdout and nothing else")
@@ -314,13 +320,20 @@ def _run(args: argparse.Namespace) -> int:
         shapes=args.shapes,
         calibration=args.calib,
         verify=args.verify,
-        keep_going=args.keep_going,
+        strict=args.strict,
+        static_shapes=args.static_shapes,
         evaluate_accuracy=not args.no_eval,
         max_accuracy_drop=args.max_accuracy_drop,
         progress=_progress_factory(interactive),
     )
     report = result.report
+    args.resolved_shapes = result.shapes
     code = 1 if report.status == "accuracy_failed" else 0
+    if report.rolled_back:
+        undone = "; ".join(f"{r['pass']}: {r['why'][:160]}" for r in report.rolled_back[:3])
+        more = f" (+{len(report.rolled_back) - 3} more)" if len(report.rolled_back) > 3 else ""
+        print(f"optimize: warning: {len(report.rolled_back)} pass run(s) rolled back, the rest of the pipeline ran: "
+              f"{undone}{more}", file=sys.stderr)
     if args.calib_cache:
         from optimizer.api import write_trt_calibration_cache
 
@@ -328,7 +341,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.check_trt:
         from optimizer.tensorrt_rtx import check_model
 
-        report.trt_check = check_model(output, build=False, shapes=_shapes(args)).to_dict()
+        report.trt_check = check_model(output, build=False, shapes=_engine_shapes(args, output)).to_dict()
     if args.save_engine and code == 0:
         code = _build_engine(args, output, report)
     _emit_report(report, args)
@@ -345,13 +358,28 @@ def _shapes(args: argparse.Namespace):
     return parse_shapes(args.shapes) or None
 
 
+def _engine_shapes(args: argparse.Namespace, onnx_path: Path):
+    """The engine's profile: ``--shapes`` when given, else the shapes the run resolved (a dynamic
+    batch spans 1..8, other dims fixed at their resolved size; ``calibration.shapes.engine_profile``)."""
+    given = _shapes(args)
+    plan = getattr(args, "resolved_shapes", None)
+    if given or plan is None:
+        return given
+    import onnx
+
+    from calibration.shapes import engine_profile
+    from optimizer.runtime import input_specs
+
+    return engine_profile(plan, input_specs(onnx.load(str(onnx_path), load_external_data=False))) or None
+
+
 def _build_engine(args: argparse.Namespace, onnx_path: Path, report) -> int:
     """Build the engine after the ONNX model is saved; a missing TensorRT/GPU is exit code 2."""
     if args.backend == "tensorrt-rtx":
         from optimizer.tensorrt_rtx import check_model
 
         checked = check_model(
-            onnx_path, build=True, shapes=_shapes(args), compute_capability=args.compute_capability,
+            onnx_path, build=True, shapes=_engine_shapes(args, onnx_path), compute_capability=args.compute_capability,
             save_engine=args.save_engine, workspace_mb=args.workspace,
         )
         report.engine = {"backend": "tensorrt-rtx", **checked.to_dict(), "ran": False,
@@ -368,7 +396,7 @@ def _build_engine(args: argparse.Namespace, onnx_path: Path, report) -> int:
     metadata = {p.key for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
     try:
         built = build_engine(
-            onnx_path, args.save_engine, shapes=_shapes(args), strongly_typed=not args.weakly_typed,
+            onnx_path, args.save_engine, shapes=_engine_shapes(args, onnx_path), strongly_typed=not args.weakly_typed,
             sparsity="sparsity.2to4" in metadata,  # layers made 2:4-sparse by sparsify-2to4
             fp16=args.weakly_typed and args.fp16, int8=args.weakly_typed and args.int8,
             calibration_cache=args.calib_cache, timing_cache=args.timing_cache, workspace_mb=args.workspace,
@@ -378,7 +406,8 @@ def _build_engine(args: argparse.Namespace, onnx_path: Path, report) -> int:
         return 2
     from optimizer.api import evaluate_engine
 
-    report.engine = evaluate_engine(built, report, onnx_path, args.data, _shapes(args))
+    plan = getattr(args, "resolved_shapes", None)
+    report.engine = evaluate_engine(built, report, onnx_path, args.data, plan.shapes if plan is not None else _shapes(args))
     return 0
 
 

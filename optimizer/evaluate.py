@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from calibration.data import ArrayData, ShapeSpec, synthetic_inputs
+from calibration.data import ShapeSpec
 from optimizer.metrics import OutputAccumulator, OutputMetrics
 from optimizer.runtime import InputSpec, OrtRunner, input_specs, run_like
 
@@ -40,12 +40,14 @@ class AccuracyReport:
     outputs: list[OutputMetrics] = field(default_factory=list)
     task: TaskAccuracy | None = None
     warnings: list[str] = field(default_factory=list)
+    note: str = ""  # which samples these are (held out of calibration, synthetic, ...)
 
     def to_dict(self) -> dict:
         return {
             "data_source": self.data_source,
             "synthetic": self.synthetic,
             "samples": self.samples,
+            "note": self.note,
             "outputs": {m.name: m.to_dict() for m in self.outputs},
             "task": self.task.to_dict() if self.task else None,
             "warnings": list(self.warnings),
@@ -55,31 +57,33 @@ class AccuracyReport:
 def evaluate(
     original: onnx.ModelProto,
     optimized: onnx.ModelProto,
-    data: ArrayData | None = None,
-    shapes: dict[str, ShapeSpec] | None = None,
+    data=None,
+    shapes: dict[str, ShapeSpec | tuple[int, ...]] | None = None,
     *,
     batch_size: int = 32,
     progress: Callable[[str, int | None], Callable[..., None]] | None = None,
+    note: str = "",
 ) -> AccuracyReport:
-    """Stream ``data`` through both models batch by batch; memory does not grow with samples."""
+    """Stream ``data`` through both models batch by batch; memory does not grow with samples.
+
+    ``data``: a ``CalibrationSource`` (see ``calibration.samples``), ``ArrayData``, a path, or None
+    for synthetic inputs at ``shapes`` (flagged in the report).
+    """
+    from calibration.samples import SYNTHETIC_EVAL_SAMPLES, labelled_batches
+    from calibration.sources import open_source
+
     specs = input_specs(original)
+    source = open_source(data, specs, shapes=shapes or {}, synthetic_samples=SYNTHETIC_EVAL_SAMPLES, seed=1)
     ref_runner = OrtRunner(original)
     new_runner = OrtRunner(optimized)
-    warnings: list[str] = []
-    if data is None:
-        feeds = synthetic_inputs(specs, shapes or {}, seed=1, warnings=warnings)
-        batches = [(feeds, None)]
-        samples = next(iter(feeds.values())).shape[0] if feeds and next(iter(feeds.values())).ndim else 1
-        report = AccuracyReport("synthetic", True, samples, warnings=warnings)
-    else:
-        data.check(specs)
-        # Batch by the optimized model's batch dims: passes may have fixed a dynamic one.
-        batches = data.batches(_with_batch_dims(specs, input_specs(optimized)), batch_size)
-        report = AccuracyReport(data.source, False, 0, warnings=data.warnings)
+    report = AccuracyReport(source.description, bool(source.synthetic), 0, warnings=getattr(source, "warnings", []))
+    report.note = note
+    # Batch by the optimized model's batch dims: passes may have fixed a dynamic one.
+    batches = labelled_batches(source, _with_batch_dims(specs, input_specs(optimized)), batch_size)
     accumulators = {name: OutputAccumulator(name) for name in ref_runner.output_names}
     first = ref_runner.output_names[0]
     correct_ref = correct_new = labelled = 0
-    advance = progress("evaluating", data.num_samples if data is not None else None) if progress else None
+    advance = progress("evaluating", source.num_samples) if progress else None
     for feeds, labels in batches:
         ref = ref_runner.run(feeds)
         new = run_like(original, optimized, new_runner, feeds)
@@ -92,17 +96,14 @@ def evaluate(
             correct_ref += int(np.count_nonzero(ref_top == labels))
             correct_new += int(np.count_nonzero(new_top == labels))
             labelled += rows
-        if data is not None:
-            batch = next(iter(feeds.values())).shape[0]
-            report.samples += batch
-            if advance:
-                advance(batch)
+        batch = next(iter(feeds.values())).shape[0] if feeds and next(iter(feeds.values())).ndim else 1
+        report.samples += batch
+        if advance:
+            advance(batch)
     report.outputs = [acc.result() for acc in accumulators.values()]
     if labelled:
         report.task = TaskAccuracy(first, 100.0 * correct_ref / labelled, 100.0 * correct_new / labelled)
     return report
-
-
 
 
 def compare_streams(reference: OrtRunner, batches: list[dict], outputs: list[dict]) -> list[OutputMetrics]:

@@ -11,15 +11,15 @@ import onnx
 from optimizer.errors import InputError, VerificationError
 import optimizer.io as model_io
 from optimizer.manager import Hook, PassEvent
-from optimizer.metrics import compare_outputs, first_violation
-from optimizer.pass_base import PassContext, Tolerance
-
-#: Accepts any finite output of the right shape (lossy passes under an accuracy budget).
-FINITE_ONLY = Tolerance(rtol=float("inf"), atol=float("inf"), min_cosine=None, max_mismatch=0.0)
+from optimizer.metrics import compare_batches, first_violation
+from optimizer.pass_base import EXACT, PassContext, Tolerance
 from optimizer.runtime import OrtRunner, input_specs, run_like
 from optimizer.stats import model_stats
 
 log = logging.getLogger(__name__)
+
+#: Accepts any finite output of the right shape (lossy passes under an accuracy budget).
+FINITE_ONLY = Tolerance(rtol=float("inf"), atol=float("inf"), min_cosine=None, max_mismatch=0.0)
 
 
 class TimingHook(Hook):
@@ -64,11 +64,13 @@ def check_structure(model: onnx.ModelProto, full: bool = True) -> None:
 class VerifyHook(Hook):
     """Prove each pass kept the model valid (``structural``) and computing the same (``numeric``).
 
-    Numeric verification runs the original model once in ONNX Runtime on ``ctx.reference_inputs``
-    (synthetic inputs if none were given) and compares every later model with those outputs, using
-    the pass's tolerance: equality up to float rounding for lossless passes. Checks the original
-    model itself fails (a custom op ONNX Runtime lacks, an invalid original) are downgraded once,
-    with a warning, instead of being blamed on a pass.
+    Numeric verification runs the original model once in ONNX Runtime on the run's verification
+    batches (``ctx.verify_batches``: the user's samples, or synthetic inputs at shapes under which
+    the original runs) and compares every later model with those outputs. Lossless passes are
+    judged against the model's own float noise on the same inputs (``optimizer.noise``; the
+    ``EXACT`` tolerance), lossy passes by their scale-free tolerance. Checks the original model
+    itself fails (a custom op ONNX Runtime lacks, an original that does not run at any shape we
+    can find) are downgraded once, with a warning, instead of being blamed on a pass.
     """
 
     def __init__(self, mode: str = "numeric", lossy_finite_only: bool = False):
@@ -77,12 +79,14 @@ class VerifyHook(Hook):
         # verification then only demands finite outputs of the right shape from them.
         self.lossy_finite_only = lossy_finite_only
         self.warnings: list[str] = []
+        self.info: dict = {}
         self.full_check = True
         self.structural = True
         self.numeric = mode == "numeric"
-        self.inputs: dict[str, np.ndarray] = {}
-        self.reference: dict[str, np.ndarray] = {}  # the original model's outputs
-        self.previous: dict[str, np.ndarray] = {}  # the last accepted model's outputs
+        self.batches: list[dict[str, np.ndarray]] = []
+        self.reference: list[dict[str, np.ndarray]] = []  # the original model's outputs
+        self.previous: list[dict[str, np.ndarray]] = []  # the last accepted model's outputs
+        self.noise = None
         self.lossy_applied = False
         self._pending = None
 
@@ -101,18 +105,34 @@ class VerifyHook(Hook):
         if not self.numeric:
             return
         try:
-            if ctx.reference_inputs is None:
-                from calibration.data import synthetic_inputs
-
-                specs = input_specs(model)
-                ctx.reference_inputs = synthetic_inputs(specs, ctx.input_shapes, warnings=self.warnings)
-            self.inputs = ctx.reference_inputs
+            batches = ctx.verify_batches or ([ctx.reference_inputs] if ctx.reference_inputs is not None else [])
+            if not batches:
+                batches = [_runnable_synthetic(model, ctx, self.warnings)]
             self.original = model
-            self.reference = OrtRunner(model).run(self.inputs)
-            self.previous = self.reference
+            runner = OrtRunner(model)
+            self.reference = [runner.run(b) for b in batches]
         except InputError as exc:
             self.numeric = False
-            self.warnings.append(f"numeric verification unavailable: {exc}")
+            self.warnings.append(f"numeric verification unavailable, checking structure only: {exc}")
+            return
+        self.batches = batches
+        self.previous = self.reference
+        from optimizer.noise import estimate_noise
+
+        self.noise = estimate_noise(model, batches, self.reference)
+        samples = sum(next(iter(b.values())).shape[0] if b and next(iter(b.values())).ndim else 1 for b in batches)
+        self.info = {
+            "samples": samples,
+            "batches": len(batches),
+            "lossless_rule": f"|err| <= max({EXACT.atol:g} + {EXACT.rtol:g}*max|ref|, {EXACT.noise_multiple:g} x noise), "
+            f"capped at {EXACT.ceiling_rel:g}*max|ref|",
+            "noise": self.noise.to_dict(),
+        }
+        if self.noise.unstable:
+            self.warnings.append(
+                f"output(s) {', '.join(self.noise.unstable)} change shape under float noise (e.g. box counts after NMS); "
+                "they are not compared element by element"
+            )
 
     def after_pass(self, event: PassEvent) -> None:
         record = event.record
@@ -128,30 +148,34 @@ class VerifyHook(Hook):
             record.verification = "passed" if self.structural else "skipped"
             record.verification_detail = "structural"
             return
-        outputs = run_like(self.original, event.after, OrtRunner(event.after), self.inputs)
+        runner = OrtRunner(event.after)
+        outputs = [run_like(self.original, event.after, runner, b) for b in self.batches]
         lossy = type(event.pass_).lossy
         tol = type(event.pass_).tolerance
         if self.lossy_finite_only and lossy:
             tol = FINITE_ONLY
-        # Lossless passes must reproduce the original exactly -- or, once a lossy pass has changed
-        # the numerics, the previous model exactly. A lossy pass is judged against the model it
-        # received, so a later pass is never blamed for an earlier pass's loss.
+        # Lossless passes must reproduce the original -- or, once a lossy pass has changed the
+        # numerics, the previous model. A lossy pass is judged against the model it received, so a
+        # later pass is never blamed for an earlier pass's loss.
         reference = self.previous if (lossy or self.lossy_applied) else self.reference
+        unstable = set(self.noise.unstable) if self.noise else set()
         try:
-            metrics = compare_outputs(reference, outputs)
+            metrics = compare_batches(
+                [{k: v for k, v in r.items() if k not in unstable} for r in reference],
+                [{k: v for k, v in o.items() if k not in unstable} for o in outputs],
+            )
         except ValueError as exc:
             raise VerificationError(str(exc)) from None
         record.outputs = metrics
-        bad = first_violation(metrics, tol)
+        # The model's noise bounds what a lossless rewrite may change; lossy passes are scale-free.
+        noise = self.noise.outputs if (self.noise and not lossy) else {}
+        bad = first_violation(metrics, tol, noise)
         worst = max(metrics, key=lambda m: m.max_rel, default=None)
         against = "previous model" if reference is self.previous and reference is not self.reference else "original"
         record.verification_detail = f"numeric vs {against}: {worst.name}: {worst.describe()}" if worst else "numeric"
         if bad is not None:
             raise VerificationError(
-                f"output '{bad.name}' diverges from the {against}: {bad.describe()} "
-                f"(allowed: abs err <= {tol.atol:g} + {tol.rtol:g} * max|ref| = {tol.atol + tol.rtol * bad.max_ref:.3g}"
-                + (f", cosine >= {tol.min_cosine}" if tol.min_cosine is not None else "")
-                + ")",
+                f"output '{bad.name}' diverges from the {against}: {bad.describe()} ({_allowed(bad, tol, noise.get(bad.name))})",
                 output_name=bad.name,
             )
         self._pending = (outputs, lossy)
@@ -162,6 +186,48 @@ class VerifyHook(Hook):
         if pending is not None and event.after is not None:
             self.previous, lossy = pending
             self.lossy_applied |= lossy
+
+
+def _allowed(m, tol: Tolerance, noise) -> str:
+    """What ``tol`` allowed output ``m``, in words."""
+    parts = []
+    if m.cosine is None or m.mismatch > m.allowed_mismatch(tol, noise):
+        parts.append(f"mismatch <= {m.allowed_mismatch(tol, noise):.2%}")
+    if m.cosine is not None:
+        if tol.absolute:
+            text = f"abs err <= {m.allowed_abs(tol, noise):.3g}"
+            if tol.noise_multiple is not None:
+                noise_abs = noise.max_abs if noise is not None else 0.0
+                text += (f" = max({tol.atol:g} + {tol.rtol:g}*max|ref|, {tol.noise_multiple:g} x float noise {noise_abs:.3g})"
+                         f" capped at {tol.ceiling_rel:g}*max|ref| {m.max_ref:.3g}")
+            parts.append(text)
+        if tol.min_cosine is not None:
+            parts.append(f"cosine >= {tol.min_cosine}")
+    return "allowed: " + ", ".join(parts or ["finite outputs"])
+
+
+def _runnable_synthetic(model: onnx.ModelProto, ctx: PassContext, warnings: list[str]) -> dict[str, np.ndarray]:
+    """Synthetic inputs at shapes under which ``model`` runs (``calibration.shapes``), for a
+    ``PassManager`` used without the ``optimize`` driver's sample plan."""
+    from calibration.data import ShapeSpec, synthetic_inputs
+    from calibration.shapes import resolve_shapes
+
+    specs = input_specs(model)
+    runner = OrtRunner(model)
+
+    def try_run(shapes):
+        try:
+            runner.run(synthetic_inputs(specs, shapes))
+        except InputError as exc:
+            return str(exc)
+        return None
+
+    given = {n: ShapeSpec(tuple(s)) for n, s in (ctx.input_shapes or {}).items()}
+    plan = resolve_shapes(model, specs, given, try_run=try_run)
+    if not plan.runs:
+        raise InputError(f"the original model does not run on synthetic inputs ({plan.failure}); give {plan.hint()}")
+    warnings.extend(plan.warnings)
+    return synthetic_inputs(specs, plan.shapes)
 
 
 def _short(exc: BaseException) -> str:

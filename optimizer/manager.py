@@ -82,6 +82,11 @@ class RunResult:
     records: list[PassRecord]
     pipeline: str
     warnings: list[str] = field(default_factory=list)
+    verification: dict = field(default_factory=dict)  # samples, noise and rule (VerifyHook.info)
+
+    @property
+    def rolled_back(self) -> list[PassRecord]:
+        return [r for r in self.records if r.rolled_back]
 
 
 def graph_to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
@@ -109,7 +114,9 @@ class PassManager:
 
     ``pipeline``: text (``"cleanup,fuse-conv-bn"``), a preset name, or a list of passes/text.
     ``verify``: ``numeric`` (ONNX Runtime before/after on the same inputs), ``structural`` (onnx
-    checker with shape inference) or ``off``. ``keep_going``: roll a failing pass back and go on.
+    checker with shape inference) or ``off``. A pass that fails verification or raises is rolled
+    back and the pipeline goes on (the record says why); ``strict=True`` raises ``PassError``
+    instead. ``keep_going`` is the older spelling of ``not strict``.
     ``lossy_finite_only``: hold lossy passes only to finite outputs (an accuracy budget judges them).
     """
 
@@ -118,7 +125,8 @@ class PassManager:
         pipeline: str | Step | list[Step | str] | None = "default",
         *,
         verify: VerifyMode = "numeric",
-        keep_going: bool = False,
+        strict: bool = False,
+        keep_going: bool | None = None,
         hooks: list[Hook] | None = None,
         lossy_finite_only: bool = False,
     ):
@@ -126,7 +134,7 @@ class PassManager:
 
         self.steps = coerce_pipeline(pipeline)
         self.verify = verify
-        self.keep_going = keep_going
+        self.keep_going = (not strict) if keep_going is None else keep_going
         builtin: list[Hook] = [TimingHook(), StatsHook()]
         if verify != "off":
             builtin.append(VerifyHook(verify, lossy_finite_only))
@@ -152,11 +160,13 @@ class PassManager:
             hook.start(current, ctx)
             state.warnings.extend(getattr(hook, "warnings", []))
         self._run_steps(self.steps, state, ctx, iteration=0)
+        verification: dict = {}
         for hook in self.hooks:
             for warning in getattr(hook, "warnings", []):
                 if warning not in state.warnings:
                     state.warnings.append(warning)
-        return RunResult(state.model, state.records, self.pipeline_text, state.warnings)
+            verification.update(getattr(hook, "info", {}))
+        return RunResult(state.model, state.records, self.pipeline_text, state.warnings, verification)
 
     def _run_steps(self, steps: list[Step], state: _RunState, ctx: PassContext, iteration: int) -> bool:
         changed_any = False

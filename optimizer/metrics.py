@@ -6,6 +6,7 @@ the number of samples.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -31,15 +32,30 @@ class OutputMetrics:
         """Largest absolute error relative to the output's largest magnitude."""
         return self.max_abs / self.max_ref if self.max_ref > 0 else (0.0 if self.max_abs == 0 else float("inf"))
 
-    def within(self, tol: Tolerance) -> bool:
-        """Whether this output satisfies ``tol`` (see ``Tolerance``)."""
+    def allowed_abs(self, tol: Tolerance, noise: OutputMetrics | None = None) -> float:
+        """The largest absolute error ``tol`` allows this output (``inf`` when none is bounded)."""
+        if not tol.absolute:
+            return math.inf
+        allowed = tol.atol + tol.rtol * self.max_ref
+        if tol.noise_multiple is not None and noise is not None:
+            allowed = max(allowed, tol.noise_multiple * noise.max_abs)
+        if tol.ceiling_rel is not None:
+            allowed = min(allowed, max(tol.ceiling_rel * self.max_ref, tol.atol))
+        return allowed
+
+    def allowed_mismatch(self, tol: Tolerance, noise: OutputMetrics | None = None) -> float:
+        allowed = tol.max_mismatch
+        if tol.noise_multiple is not None and noise is not None and noise.mismatch:
+            allowed = max(allowed, min(0.5, tol.noise_multiple * noise.mismatch))
+        return allowed
+
+    def within(self, tol: Tolerance, noise: OutputMetrics | None = None) -> bool:
+        """Whether this output satisfies ``tol`` (see ``Tolerance``), given the model's ``noise``."""
+        if self.mismatch > self.allowed_mismatch(tol, noise):
+            return False
         if self.cosine is None:  # integer/bool output
-            return self.mismatch <= tol.max_mismatch
-        return (
-            self.mismatch <= tol.max_mismatch
-            and self.max_abs <= tol.atol + tol.rtol * self.max_ref
-            and (tol.min_cosine is None or self.cosine >= tol.min_cosine)
-        )
+            return True
+        return self.max_abs <= self.allowed_abs(tol, noise) and (tol.min_cosine is None or self.cosine >= tol.min_cosine)
 
     def describe(self) -> str:
         parts = [f"max abs err {self.max_abs:.3g}", f"rel {self.max_rel:.3g}"]
@@ -117,16 +133,23 @@ class OutputAccumulator:
 
 def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> list[OutputMetrics]:
     """Metrics for every output of ``reference`` (in its order)."""
-    results = []
-    for name, ref in reference.items():
-        acc = OutputAccumulator(name)
-        if name not in candidate:
-            raise ValueError(f"output '{name}' is missing from the transformed model")
-        acc.update(ref, candidate[name])
-        results.append(acc.result())
-    return results
+    return compare_batches([reference], [candidate])
 
 
-def first_violation(metrics: list[OutputMetrics], tol: Tolerance) -> OutputMetrics | None:
-    """The first output that breaks ``tol``, or None."""
-    return next((m for m in metrics if not m.within(tol)), None)
+def compare_batches(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]]) -> list[OutputMetrics]:
+    """Metrics over several batches of outputs (streamed, so means are exact over all elements)."""
+    accumulators: dict[str, OutputAccumulator] = {}
+    for ref_batch, new_batch in zip(reference, candidate, strict=True):
+        for name, ref in ref_batch.items():
+            if name not in new_batch:
+                raise ValueError(f"output '{name}' is missing from the transformed model")
+            accumulators.setdefault(name, OutputAccumulator(name)).update(ref, new_batch[name])
+    return [acc.result() for acc in accumulators.values()]
+
+
+def first_violation(
+    metrics: list[OutputMetrics], tol: Tolerance, noise: dict[str, OutputMetrics] | None = None
+) -> OutputMetrics | None:
+    """The first output that breaks ``tol`` (given the model's float ``noise`` per output), or None."""
+    noise = noise or {}
+    return next((m for m in metrics if not m.within(tol, noise.get(m.name))), None)

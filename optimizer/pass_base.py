@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -15,22 +16,35 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Tolerance:
-    """How close a transformed model's outputs must stay to the original's.
+    """How close a transformed model's outputs must stay to the reference's.
 
-    A float output passes when ``max|new - ref| <= atol + rtol * max|ref|`` (error relative to the
-    output's largest magnitude, so near-zero elements do not dominate) and, if ``min_cosine`` is set,
-    when the cosine similarity of the flattened outputs is at least ``min_cosine``. Integer and
-    boolean outputs must match exactly unless ``max_mismatch`` allows a fraction of elements to differ.
+    A float output passes when ``max|new - ref| <= allowed`` and, if ``min_cosine`` is set, when the
+    cosine similarity of the flattened outputs is at least ``min_cosine``. ``allowed`` is
+    ``atol + rtol * max|ref|`` (error relative to the output's largest magnitude, so near-zero
+    elements do not dominate); with ``noise_multiple`` it grows to that multiple of the model's own
+    float noise on the same inputs (``optimizer.noise``), but never beyond
+    ``ceiling_rel * max|ref|`` (or ``atol`` for an all-zero output). An infinite ``atol`` or ``rtol``
+    means "no absolute bound" (scale-free measures only), never ``inf * 0``. Integer and boolean
+    outputs must match exactly unless ``max_mismatch`` (or, with ``noise_multiple``, the noise's own
+    mismatch) allows a fraction of elements to differ.
     """
 
     rtol: float = 1e-5
     atol: float = 1e-6
     min_cosine: float | None = None
     max_mismatch: float = 0.0
+    noise_multiple: float | None = None
+    ceiling_rel: float | None = None
+
+    @property
+    def absolute(self) -> bool:
+        """Whether an absolute error bound applies at all."""
+        return math.isfinite(self.atol) and math.isfinite(self.rtol)
 
 
-#: Lossless passes: equal up to float rounding of folded constants.
-EXACT = Tolerance()
+#: Lossless passes: equal up to float rounding -- 10x the model's own float noise on the same
+#: inputs (at least 1e-5 relative), never more than 1e-3 of the output's largest magnitude.
+EXACT = Tolerance(noise_multiple=10.0, ceiling_rel=1e-3)
 
 
 @dataclass
@@ -47,14 +61,17 @@ class PassResult:
 class PassContext:
     """What passes share. Passes never read global state or the command line.
 
-    ``input_shapes``: concrete shapes for dynamic inputs (from ``--shapes``).
+    ``input_shapes``: shapes a pass may bake into the model (only with ``--static-shapes``; empty
+    otherwise, so dynamic dims stay dynamic).
     ``reference_inputs``: one batch of inputs for numeric checks a pass wants to run itself.
+    ``verify_batches``: the batches per-pass verification runs on (``calibration.samples``).
     ``calibration``: a calibration data source (quantization passes).
     ``progress``: ``progress(description, total)`` returns a callable ``advance(n=1)``.
     """
 
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     reference_inputs: dict[str, np.ndarray] | None = None
+    verify_batches: list[dict[str, np.ndarray]] | None = None
     calibration: Any = None
     precision: str = "fp32"
     progress: Callable[[str, int | None], Callable[..., None]] | None = None

@@ -38,6 +38,10 @@ class Report:
     budget: dict | None = None  # accuracy budget: metric, drop, fallbacks and per-layer sensitivity
     opset: int = 0
     ir_version: int = 0
+    inputs: dict | None = None  # the shape plan: per input, the shape fed and where it came from
+    samples: dict | None = None  # which samples verified, evaluated and calibrated (calibration.samples)
+    verification: dict | None = None  # verification samples, the model's float noise, the lossless rule
+    rolled_back: list[dict] = field(default_factory=list)  # passes undone: pass, iteration, why
 
     # -- derived -----------------------------------------------------------------------------
     @property
@@ -62,6 +66,10 @@ class Report:
             "output": {"path": self.output_path},
             "pipeline": self.pipeline,
             "verify": self.verify,
+            "inputs": self.inputs,
+            "samples": self.samples,
+            "verification": self.verification,
+            "rolled_back": list(self.rolled_back),
             "summary": {
                 "nodes": {"before": self.original.nodes, "after": opt.nodes},
                 "initializers": {"before": self.original.initializers, "after": opt.initializers},
@@ -113,9 +121,18 @@ class Report:
                 f"{p['nodes_before']}→{p['nodes_after']} | {p['bytes_before']:,}→{p['bytes_after']:,} | "
                 f"{p['time_s'] * 1000:.1f} | {verification} | {stats} |"
             )
+        if self.inputs and self.inputs.get("inputs"):
+            lines += ["", "## Input shapes used", "", "| input | declared | fed at | from |", "|---|---|---|---|"]
+            for name, i in self.inputs["inputs"].items():
+                lines.append(f"| `{name}` | {i['declared'] or ''} | {'x'.join(map(str, i['shape']))} | {i['source']} |")
+            if not self.inputs.get("original_runs", True):
+                lines.append(f"\nThe original model runs at no shape tried: {self.inputs.get('failure', '')}")
+        if self.rolled_back:
+            lines += ["", "## Rolled back", ""] + [f"- `{r['pass']}` (round {r['iteration']}): {r['why']}" for r in self.rolled_back]
         if self.accuracy:
             a = d["accuracy"]
-            kind = "synthetic inputs (not a real evaluation)" if a["synthetic"] else a["data_source"]
+            kind = ("**SYNTHETIC inputs — not a measure of real accuracy**" if a["synthetic"]
+                    else a["data_source"] + (f" ({a['note']})" if a.get("note") else ""))
             lines += ["", "## Accuracy vs the original", "", f"{a['samples']} sample(s) from {kind}.", ""]
             lines += ["| output | max abs | mean abs | max rel | cosine | argmax agree |", "|---|---:|---:|---:|---:|---:|"]
             for name, m in a["outputs"].items():
@@ -150,13 +167,16 @@ class Report:
 
     # -- terminal ----------------------------------------------------------------------------
     def print_table(self, console=None) -> None:
-        """A compact summary for humans, using rich."""
+        """A compact summary for humans, using rich. Every name, spec and message is escaped:
+        node names such as ``[/conv/Conv]`` are text, never markup."""
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
         console = console or Console(stderr=False)
         d = self.to_dict()
-        table = Table(title=f"{Path(self.model_path).name}: {self.pipeline or '(empty pipeline)'}", title_justify="left")
+        table = Table(title=escape(f"{Path(self.model_path).name}: {self.pipeline or '(empty pipeline)'}"),
+                      title_justify="left")
         for col, justify in (("pass", "left"), ("iter", "right"), ("nodes", "right"), ("bytes", "right"),
                              ("ms", "right"), ("verified", "left"), ("stats", "left")):
             table.add_column(col, justify=justify)
@@ -166,8 +186,8 @@ class Report:
             stats = ", ".join(f"{k}={v}" for k, v in p["stats"].items() if v)
             verified = p["verification"] + (" ROLLED BACK" if p["rolled_back"] else "")
             table.add_row(
-                p["spec"], str(p["iteration"]), f"{p['nodes_before']}→{p['nodes_after']}",
-                f"{p['bytes_before']:,}→{p['bytes_after']:,}", f"{p['time_s'] * 1000:.1f}", verified, stats,
+                escape(p["spec"]), str(p["iteration"]), f"{p['nodes_before']}→{p['nodes_after']}",
+                f"{p['bytes_before']:,}→{p['bytes_after']:,}", f"{p['time_s'] * 1000:.1f}", escape(verified), escape(stats),
             )
         console.print(table)
         s = d["summary"]
@@ -175,27 +195,39 @@ class Report:
             f"nodes {s['nodes']['before']} → {s['nodes']['after']}   "
             f"params {s['params']['before']:,} → {s['params']['after']:,} ({_x(s['compression']['params'])})   "
             f"bytes {s['model_bytes']['before']:,} → {s['model_bytes']['after']:,} "
-            f"(compression {_x(s['compression']['bytes'])})   time {s['time_s']:.2f} s"
+            f"(compression {_x(s['compression']['bytes'])})   time {s['time_s']:.2f} s",
+            highlight=False,
         )
+        if self.inputs and self.inputs.get("inputs"):
+            shapes = ", ".join(f"{name} {'x'.join(map(str, i['shape']))} ({i['source']})"
+                               for name, i in self.inputs["inputs"].items())
+            console.print(f"input shapes used: {escape(shapes)}", highlight=False)
+        for r in self.rolled_back:
+            console.print(f"[yellow]rolled back:[/yellow] {escape(r['pass'])}: {escape(r['why'])}", highlight=False)
         if self.accuracy:
             a = self.accuracy
-            source = "synthetic inputs" if a.synthetic else a.data_source
-            console.print(f"accuracy vs original on {a.samples} sample(s) from {source}:")
+            if a.synthetic:
+                console.print(f"[bold red]accuracy vs original on {a.samples} SYNTHETIC sample(s) — not a measure of "
+                              "real accuracy (give --data or --calib):[/bold red]", highlight=False)
+            else:
+                note = f" ({a.note})" if a.note else ""
+                console.print(f"accuracy vs original on {a.samples} real sample(s) from {escape(a.data_source + note)}:",
+                              highlight=False)
             for m in a.outputs:
                 agree = f", argmax agreement {m.argmax_agreement:.2%}" if m.argmax_agreement is not None else ""
-                console.print(f"  {m.name}: {m.describe()}{agree}")
+                console.print(f"  {escape(m.name)}: {m.describe()}{agree}", highlight=False)
             if a.task:
                 console.print(
                     f"  task accuracy: original {a.task.original:.2f} %, optimized {a.task.optimized:.2f} % "
-                    f"(drop {a.task.drop:.2f} points)"
+                    f"(drop {a.task.drop:.2f} points)", highlight=False,
                 )
         for line in _engine_markdown(self.engine, self.trt_check):
             if line:
-                console.print(line.lstrip("#- ").replace("`", ""), highlight=False)
+                console.print(escape(line.lstrip("#- ").replace("`", "")), highlight=False)
         for w in self.warnings:
-            console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+            console.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)
         if self.status != "ok":
-            console.print(f"[red]{self.status}[/red]: {self.error}", highlight=False)
+            console.print(f"[red]{escape(self.status)}[/red]: {escape(self.error)}", highlight=False)
 
     def save(self, path: str | Path) -> Path:
         """Write JSON (``.json``), Markdown (``.md``) or HTML (``.html``) by extension."""

@@ -16,10 +16,11 @@ log = logging.getLogger(__name__)
 
 
 def import_onnxruntime():
-    """onnxruntime, with its C++ warnings (printed straight to stderr) turned down to errors."""
+    """onnxruntime, with its C++ logger (which prints straight to stderr, even errors it also raises)
+    silenced: its messages reach the user inside our one-line errors instead."""
     import onnxruntime as ort
 
-    ort.set_default_logger_severity(3)
+    ort.set_default_logger_severity(4)
     return ort
 
 
@@ -88,7 +89,7 @@ class OrtRunner:
         options.graph_optimization_level = (
             ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         )
-        options.log_severity_level = 3
+        options.log_severity_level = 4
         if threads:
             options.intra_op_num_threads = threads
         self.output_names = output_names(model)
