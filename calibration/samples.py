@@ -132,7 +132,7 @@ def plan_samples(
     size = effective_batch_size(specs, batch_size)
     if data is not None:
         run = RunSamples([], data, calib if calib is not None else data, "data")
-        run.note = f"{data.num_samples} sample(s) from {data.description}"
+        run.note = "--data"
         if calib is None:
             run.warnings.append(
                 f"no --calib: calibration (where the pipeline needs it) uses --data ({data.description}); "

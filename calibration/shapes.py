@@ -10,7 +10,7 @@ Every consumer of samples (verification, evaluation, calibration, engine profile
    other exporters write them) for the height and width of image-like inputs;
 5. a ``dim_param`` shared with a dim that is already known gets the same value;
 6. defaults under which the *original* model runs: every remaining dim gets the first of the
-   plausible sizes for its kind (batch: 1; image height/width: 224, 320, ...; token sequences:
+   plausible sizes for its kind (batch: always 1; image height/width: 224, 320, ...; token sequences:
    16, 32, ...; audio signals: 1024, 4096, ...; anything else: 1, 2, 4, ...), and while the
    original fails to run, the next size of each kind is tried (a bounded, linear search).
 
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 MAX_SYNTHETIC_BYTES = 1 << 30
 #: Searched sizes per kind of dim, in order. The first is the default.
 CANDIDATES: dict[str, tuple[int, ...]] = {
-    "batch": (1, 2),
+    "batch": (1,),
     "spatial": (224, 320, 256, 416, 512, 640, 32, 64, 96, 128, 160, 1),
     "sequence": (16, 32, 64, 128, 256, 512, 8, 1),
     "signal": (1024, 4096, 16000, 512, 256, 2048, 8000, 1),

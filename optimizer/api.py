@@ -87,6 +87,8 @@ def optimize(
                 f"numeric verification unavailable: the original model does not run at any shape tried ({plan.failure}); "
                 f"checking structure only. Pass {plan.hint()} (or --data) to verify numerically"
             )
+        else:
+            input_warnings.append(f"numeric verification unavailable, checking structure only: {plan.failure}")
     else:
         verify_used = verify
         input_warnings += plan.warnings

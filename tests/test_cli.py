@@ -200,8 +200,9 @@ def sabotage_pass():
     _REGISTRY.update(saved)
 
 
-def test_verification_failure_exits_1_and_writes_no_model(workdir, capsys, sabotage_pass):
-    code = main([str(workdir / "model.onnx"), "--passes", "cleanup,test-flip-relu", "--report", str(workdir / "r.json")])
+def test_strict_verification_failure_exits_1_and_writes_no_model(workdir, capsys, sabotage_pass):
+    code = main([str(workdir / "model.onnx"), "--passes", "cleanup,test-flip-relu", "--strict",
+                 "--report", str(workdir / "r.json")])
     err = capsys.readouterr().err
     assert code == 1
     assert "pass 'test-flip-relu' failed" in err and "output 'logits' diverges" in err
@@ -210,10 +211,16 @@ def test_verification_failure_exits_1_and_writes_no_model(workdir, capsys, sabot
     assert report["status"] == "verification_failed"
 
 
-def test_keep_going_rolls_back_and_exits_0(workdir, capsys, sabotage_pass):
-    code = main([str(workdir / "model.onnx"), "--passes", "test-flip-relu,fuse-conv-bn", "--keep-going", "--json"])
-    report = json.loads(capsys.readouterr().out)
+@pytest.mark.parametrize("flags", [[], ["--keep-going"]], ids=["default", "keep-going"])
+def test_failing_pass_is_rolled_back_named_and_exits_0(workdir, capfd, sabotage_pass, flags):
+    code = main([str(workdir / "model.onnx"), "--passes", "test-flip-relu,fuse-conv-bn", "--json", *flags])
+    captured = capfd.readouterr()
+    report = json.loads(captured.out)
     assert code == 0
+    assert (workdir / "model.opt.onnx").is_file()
+    err_lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(err_lines) == 1 and "rolled back" in err_lines[0] and "test-flip-relu" in err_lines[0], captured.err
+    assert report["rolled_back"][0]["pass"] == "test-flip-relu" and "diverges" in report["rolled_back"][0]["why"]
     assert report["passes"][0]["rolled_back"] is True
     assert report["summary"]["nodes"]["after"] == 15
     assert report["accuracy"]["outputs"]["logits"]["max_rel"] < 1e-5

@@ -67,7 +67,7 @@ def test_passes():
 
 def test_numeric_verification_names_pass_and_diverging_output():
     with pytest.raises(VerificationError) as info:
-        PassManager("cleanup,test-sabotage").run(parse_model(MODEL))
+        PassManager("cleanup,test-sabotage", strict=True).run(parse_model(MODEL))
     err = info.value
     assert err.pass_name == "test-sabotage"
     assert err.output_name == "z"
@@ -76,17 +76,18 @@ def test_numeric_verification_names_pass_and_diverging_output():
 
 def test_structural_verification_catches_invalid_graph():
     with pytest.raises(VerificationError, match="no longer valid"):
-        PassManager("test-breaker", verify="structural").run(parse_model(MODEL))
+        PassManager("test-breaker", verify="structural", strict=True).run(parse_model(MODEL))
 
 
 def test_exception_in_pass_names_it():
     with pytest.raises(PassError, match="pass 'test-crash' failed: boom"):
-        PassManager("cleanup,test-crash").run(parse_model(MODEL))
+        PassManager("cleanup,test-crash", strict=True).run(parse_model(MODEL))
 
 
-def test_keep_going_rolls_back_and_continues():
+@pytest.mark.parametrize("options", [{}, {"keep_going": True}], ids=["default", "keep_going"])
+def test_failing_passes_roll_back_by_default_and_the_pipeline_continues(options):
     model = parse_model(MODEL)
-    result = PassManager("test-sabotage,test-crash,cleanup", keep_going=True).run(model)
+    result = PassManager("test-sabotage,test-crash,cleanup", **options).run(model)
     names = [r.name for r in result.records]
     assert names == ["test-sabotage", "test-crash", "cleanup"]
     assert result.records[0].rolled_back and result.records[0].verification == "failed"

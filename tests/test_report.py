@@ -13,7 +13,8 @@ from optimizer.cli import main
 
 DIGITS = SAMPLES / "digits_cnn"
 TOP_KEYS = {"schema", "tool_version", "status", "error", "model", "output", "pipeline", "verify", "summary",
-            "passes", "accuracy", "budget", "engine", "trt_check", "warnings"}
+            "passes", "accuracy", "budget", "engine", "trt_check", "warnings", "inputs", "samples", "verification",
+            "rolled_back"}
 
 
 @pytest.fixture(scope="module")
