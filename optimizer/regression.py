@@ -170,8 +170,12 @@ def check_regression(
     if base is not None and pipeline is None and optimized is None:
         pipeline = base.get("pipeline")
     if optimized is not None:
-        original, _ = load_model(model)
-        candidate, _ = load_model(optimized)
+        from optimizer.validate import validate_model
+
+        original, source = load_model(model)
+        validate_model(original, source.path)
+        candidate, candidate_source = load_model(optimized)
+        validate_model(candidate, candidate_source.path)
         from calibration.data import load_npz, parse_shapes
 
         dataset = load_npz(data) if isinstance(data, (str, os.PathLike)) else data
