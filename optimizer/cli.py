@@ -230,9 +230,12 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse already printed usage; normalise the code to 2
         return 0 if exc.code == 0 else 2
+    # Warnings reach the user through the report (and one summary line for rollbacks), so the
+    # library's log lines and numpy's RuntimeWarnings stay off stderr unless -v asks for them.
+    logging.captureWarnings(True)
     logging.basicConfig(
-        level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        level=(logging.ERROR, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
+        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr,
     )
     if not args.verbose:
         logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)

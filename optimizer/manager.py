@@ -199,7 +199,9 @@ class PassManager:
             if skip:  # no graph import: the pass could not match anything in this model
                 graph, result = None, PassResult(False)
             else:
-                graph = gs.import_onnx(state.model)
+                from passes.graph_utils import import_graph  # keeps declared I/O types gs would drop
+
+                graph = import_graph(state.model)
                 result = p.run(graph, ctx)
             if not isinstance(result, PassResult):
                 raise TypeError(f"{type(p).__name__}.run must return a PassResult, got {type(result).__name__}")
@@ -220,7 +222,7 @@ class PassManager:
             if self.keep_going:
                 record.rolled_back = True
                 record.changed = False
-                log.warning("pass '%s' failed and was rolled back: %s", p.name, record.error)
+                log.info("pass '%s' failed and was rolled back: %s", p.name, record.error)
                 state.warnings.append(f"pass '{p.spec()}' rolled back: {record.error}")
                 return False
             message = f"pass '{p.spec()}' failed: {record.error} (passes before it: {before})"

@@ -19,6 +19,7 @@ from passes.graph_utils import (
     infer_static_shapes,
     is_default_domain,
     is_graph_output,
+    unique_name,
 )
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,77 @@ class Cleanup(Pass):
         return PassResult(changed=after != before, stats=stats)
 
 
+def _inline_constant_ifs(graph: gs.Graph) -> int:
+    """Replace every ``If`` whose condition is a constant by the nodes of the branch it takes.
+
+    graphsurgeon's ``flatten_subgraphs`` does this too, but pairs ``If`` outputs with branch
+    outputs while it detaches them (so an ``If`` with two outputs loses its second one's producer,
+    and with three the third gets the second's value), and leaves without a producer an output
+    that is not made by a branch node (TorchScript returns one ``ConstantOfShape`` as both ``h0``
+    and ``c0``; a branch may return an outer tensor or a folded constant). The model then reads
+    tensors no earlier node writes. Here each ``If`` output is written by the branch node that
+    wrote the branch output, or by an ``Identity`` where that is impossible; branch tensors
+    whose names are taken elsewhere in the model are renamed. Innermost ``If`` nodes go first.
+    Returns how many were inlined.
+    """
+    owners: dict[str, set[int]] = {}  # name -> ids of the tensor objects that carry it
+    for g in all_graphs(graph):
+        for t in [*g.inputs, *g.outputs, *(t for n in g.nodes for t in [*n.inputs, *n.outputs])]:
+            if t.name:
+                owners.setdefault(t.name, set()).add(id(t))
+
+    def visit(g: gs.Graph) -> int:
+        count = 0
+        for node in list(g.nodes):
+            for sub in node.subgraphs():
+                count += visit(sub)
+        nodes: list[gs.Node] = []
+        for node in list(g.nodes):
+            cond = constant_values(node.inputs[0]) if node.op == "If" and is_default_domain(node) and node.inputs else None
+            branch = None
+            if cond is not None and cond.size == 1:
+                branch = node.attrs.get("then_branch" if bool(cond.reshape(-1)[0]) else "else_branch")
+            if not isinstance(branch, gs.Graph) or len(branch.outputs) != len(node.outputs):
+                nodes.append(node)
+                continue
+            nodes.extend(_splice_branch(graph, node, branch, owners))
+            count += 1
+        g.nodes = nodes
+        return count
+
+    return visit(graph)
+
+
+def _splice_branch(root: gs.Graph, node: gs.Node, branch: gs.Graph, owners: dict[str, set[int]]) -> list[gs.Node]:
+    """The nodes that replace ``If`` ``node`` by ``branch`` (``node`` is detached)."""
+    spliced = list(branch.nodes)
+    local = {id(n) for n in spliced}
+    mine = {id(t): t for n in spliced for t in n.outputs if t.name}
+    mine.update({id(t): t for n in spliced for t in n.inputs if isinstance(t, gs.Constant) and t.name})
+    for t in mine.values():
+        if owners.get(t.name, set()) - {id(t)}:  # the name is someone else's too
+            owners[t.name].discard(id(t))
+            t.name = unique_name(root, t.name)
+            owners.setdefault(t.name, set()).add(id(t))
+    outer = list(node.outputs)
+    node.inputs.clear()
+    node.outputs.clear()
+    claimed: dict[int, gs.Tensor] = {}  # branch output -> the If output its producer writes now
+    for y, s in zip(outer, branch.outputs):
+        producer = s.inputs[0] if isinstance(s, gs.Variable) and len(s.inputs) == 1 else None
+        if producer is not None and id(producer) in local and id(s) not in claimed:
+            claimed[id(s)] = y
+            for reader in list(s.outputs):  # other branch nodes (and their bodies) read y now
+                for i, t in enumerate(reader.inputs):
+                    if t is s:
+                        reader.inputs[i] = y
+            producer.outputs[next(i for i, t in enumerate(producer.outputs) if t is s)] = y
+        else:  # a repeated, outer-scope or constant branch output
+            name = unique_name(root, f"{y.name}_inlined")
+            spliced.append(gs.Node("Identity", name=name, inputs=[claimed.get(id(s), s)], outputs=[y]))
+    return spliced
+
+
 #: Ops whose output can be much larger than their inputs (ConstantOfShape([1000,1000]) is 8 bytes
 #: in, 4 MB out). Folding them is how simplifiers inflate an 80 kB model to 100 MB.
 GROWING_OPS = frozenset(
@@ -170,7 +242,9 @@ class FoldConstants(Pass):
     """Evaluate subgraphs whose inputs are all constant and replace them by their values.
 
     Uses onnx-graphsurgeon's folding (evaluated in ONNX Runtime), including shape folding where
-    shapes are static, and inlines ``If`` nodes whose condition is constant. It refuses to fold:
+    shapes are static, in the main graph and in every If/Loop/Scan body, and inlines ``If`` nodes
+    whose condition is constant (counted as ``if_inlined``), folding again what that exposes. It
+    refuses to fold:
 
     - ``QuantizeLinear`` / ``DequantizeLinear``: quantized weights stay quantized (folding a
       ``DequantizeLinear`` of INT8 weights would turn them back into float and lose the Q/DQ pair
@@ -202,27 +276,45 @@ class FoldConstants(Pass):
             return bool(reason)
 
         before = sum(len(g.nodes) for g in all_graphs(graph))
-        # graphsurgeon imports If/Loop/Scan bodies without an IR version and would evaluate them at
-        # onnx's default (14), which ONNX Runtime 1.31 refuses.
-        for sub in graph.subgraphs(recursive=True):
-            sub.ir_version = min(sub.ir_version or graph.ir_version or 10, 10)
-        try:
-            graph.fold_constants(fold_shapes=self.fold_shapes, error_ok=False, should_exclude_node=exclude)
-        except Exception as exc:
-            # One node ONNX Runtime cannot evaluate (a custom op, say) makes whole-graph folding fail.
-            # Partitioned folding isolates it, at a cost quadratic in graph size, so it is the fallback.
-            log.info("constant folding in one piece failed (%s); retrying partitioned", exc)
-            try:
-                graph.fold_constants(
-                    fold_shapes=self.fold_shapes, partitioning="basic", error_ok=True, should_exclude_node=exclude
-                )
-            except (Exception, RecursionError) as exc2:  # leave the graph as graphsurgeon left it
-                log.warning("constant folding gave up: %s", exc2)
+        inlined = 0
+        while True:
+            # graphsurgeon's own recursion is off on purpose: it folds If/Loop/Scan bodies without
+            # ``should_exclude_node`` (random ops and oversized tensors inside a branch would fold)
+            # and inlines constant-condition Ifs wrongly (see _inline_constant_ifs). Outer graphs
+            # come first, so a body sees the constants its enclosing graph just folded.
+            for g in list(all_graphs(graph)):
+                self._fold_one(g, graph, exclude)
+            n = _inline_constant_ifs(graph)
+            if not n:
+                break
+            inlined += n  # what was inlined may fold further with the enclosing graph's constants
         graph.cleanup()
         after = sum(len(g.nodes) for g in all_graphs(graph))
         stats = {"folded_nodes": before - after}
+        if inlined:
+            stats["if_inlined"] = inlined
         stats.update({f"refused_{k}": len(v) for k, v in refused.items() if v})
         return PassResult(changed=after != before, stats=stats)
+
+    def _fold_one(self, g: gs.Graph, root: gs.Graph, exclude) -> None:
+        """Fold the constants of ``g`` alone (not its bodies), as graphsurgeon does."""
+        if g is not root:
+            # graphsurgeon imports If/Loop/Scan bodies without an IR version and would evaluate them
+            # at onnx's default (14), which ONNX Runtime 1.31 refuses.
+            g.ir_version = min(g.ir_version or root.ir_version or 10, 10)
+        options = dict(
+            fold_shapes=self.fold_shapes, recurse_subgraphs=False, flatten_subgraphs=False, should_exclude_node=exclude
+        )
+        try:
+            g.fold_constants(error_ok=False, **options)
+        except Exception as exc:
+            # One node ONNX Runtime cannot evaluate (a custom op, say) makes whole-graph folding fail.
+            # Partitioned folding isolates it, at a cost quadratic in graph size, so it is the fallback.
+            log.info("constant folding of %s in one piece failed (%s); retrying partitioned", g.name, exc)
+            try:
+                g.fold_constants(partitioning="basic", error_ok=True, **options)
+            except (Exception, RecursionError) as exc2:  # leave the graph as graphsurgeon left it
+                log.warning("constant folding of %s gave up: %s", g.name, exc2)
 
     def _refusal(self, node: gs.Node, sizes: dict[str, int]) -> str:
         """Why ``node`` must not be folded ("" if it may be)."""

@@ -22,6 +22,48 @@ def all_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
         yield sub
 
 
+def import_graph(model) -> gs.Graph:
+    """``gs.import_onnx(model)``, keeping the types that graph inputs and outputs declare.
+
+    graphsurgeon imports a graph's ``value_info`` before its inputs and outputs and keeps the first
+    tensor it made for a name. A ``value_info`` entry for an input or output name with an element
+    type but no shape -- what tools write for ``com.microsoft`` outputs (``DynamicQuantizeLSTM``,
+    ``MatMulIntegerToFloat``...), whose shapes onnx shape inference cannot infer -- thereby
+    replaces the declared shape, and the exported model has a main-graph input or output without
+    a shape, which the checker rejects ("Field 'shape' of 'type' is required but missing"). Here
+    the declared type fills in what such an entry lacks (as graphsurgeon merges repeated
+    ``value_info`` entries), in every subgraph too.
+    """
+    graph = gs.import_onnx(model)
+    _restore_declared_types(graph, model.graph)
+    return graph
+
+
+def _restore_declared_types(graph: gs.Graph, proto) -> None:
+    import onnx
+    from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
+
+    declared = {v.name: v for v in list(proto.input) + list(proto.output)}
+    for tensor in list(graph.inputs) + list(graph.outputs):
+        value = declared.get(tensor.name)
+        if not isinstance(tensor, gs.Variable) or value is None or not value.type.ByteSize():
+            continue
+        if tensor.dtype is None or tensor.shape is None:
+            parsed = OnnxImporter.import_tensor(value)
+            tensor.dtype = tensor.dtype if tensor.dtype is not None else parsed.dtype
+            tensor.shape = tensor.shape if tensor.shape is not None else parsed.shape
+    # Right after import, graphsurgeon's nodes are the proto's, in order, with its attribute names.
+    for node, node_proto in zip(graph.nodes, proto.node):
+        for attr in node_proto.attribute:
+            sub = node.attrs.get(attr.name)
+            if attr.type == onnx.AttributeProto.GRAPH and isinstance(sub, gs.Graph):
+                _restore_declared_types(sub, attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS and isinstance(sub, list):
+                for g, g_proto in zip(sub, attr.graphs):
+                    if isinstance(g, gs.Graph):
+                        _restore_declared_types(g, g_proto)
+
+
 def is_default_domain(node: gs.Node) -> bool:
     return node.domain in ("", "ai.onnx", None)
 

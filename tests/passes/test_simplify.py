@@ -942,6 +942,103 @@ def test_loop_carried_shapes_are_not_assumed_fixed():
         assert_same_outputs(model, result.model, {"n": np.array(n, np.int64), "x": np.array([1, -2, 3], np.float32)})
 
 
+def _ort_dynamic_quantized_lstm(tmp_path):
+    """An LSTM and a MatMul through ``onnxruntime.quantization.quantize_dynamic`` (LSTM ->
+    ``com.microsoft`` ``DynamicQuantizeLSTM``; MatMul -> ``DynamicQuantizeLinear`` + ``MatMulInteger``),
+    then re-annotated by onnx shape inference as shape tools do: it knows no ``com.microsoft``
+    schema, so the contrib op's outputs get a value_info with an element type and no shape -- among
+    them ``Y_h``, the LSTM's final hidden state, which is also a graph output (with its shape)."""
+    pytest.importorskip("onnxruntime.quantization")
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    rng = np.random.default_rng(0)
+    t, b, i, h = 5, 2, 4, 8
+    weights = {
+        "W": rng.normal(0, 0.5, (1, 4 * h, i)), "R": rng.normal(0, 0.5, (1, 4 * h, h)),
+        "bias": rng.normal(0, 0.1, (1, 8 * h)), "Wm": rng.normal(0, 0.5, (h, 6)),
+    }
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()] + [
+        numpy_helper.from_array(np.array(v, np.int64), k)
+        for k, v in {"axis1": [1], "zero": 0, "axis0": [0], "minus1": [-1]}.items()
+    ]
+    nodes = [
+        helper.make_node("LSTM", ["x", "W", "R", "bias"], ["Y", "Y_h"], hidden_size=h),
+        helper.make_node("Squeeze", ["Y", "axis1"], ["ys"]),
+        helper.make_node("MatMul", ["ys", "Wm"], ["z"]),
+        helper.make_node("Shape", ["x"], ["s"]),  # static: what fold-shapes folds
+        helper.make_node("Gather", ["s", "zero"], ["steps"]),
+        helper.make_node("Unsqueeze", ["steps", "axis0"], ["steps1"]),
+        helper.make_node("Concat", ["steps1", "minus1"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["z", "shape"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "lstm_matmul", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [t, b, i])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [t, b * 6]),
+         helper.make_tensor_value_info("Y_h", TensorProto.FLOAT, [1, b, h])],
+        initializer=inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), tmp_path / "float.onnx")
+    level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # "Please consider to run pre-processing"
+    try:
+        quantize_dynamic(tmp_path / "float.onnx", tmp_path / "quant.onnx", weight_type=QuantType.QInt8)
+    finally:
+        logging.getLogger().setLevel(level)
+    model = onnx.load(tmp_path / "quant.onnx")
+    assert {n.op_type for n in model.graph.node} >= {"DynamicQuantizeLSTM", "DynamicQuantizeLinear", "MatMulInteger"}
+    del model.graph.value_info[:]
+    model = onnx.shape_inference.infer_shapes(model)
+    typed = {v.name for v in model.graph.value_info}
+    for node in model.graph.node:
+        if node.domain == "com.microsoft":
+            model.graph.value_info.extend(
+                helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in node.output if o and o not in typed
+            )
+    model.ir_version = 10
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _declared_io(model):
+    return [(v.name, v.type.SerializeToString()) for v in list(model.graph.input) + list(model.graph.output)]
+
+
+def test_fold_shapes_on_ort_dynamic_quantized_lstm_keeps_declared_output_shapes(tmp_path):
+    # graphsurgeon's importer took Y_h's type from its value_info entry (element type, no shape)
+    # instead of the graph output's own, so the exported model had an output without a shape:
+    # "Field 'shape' of 'type' is required but missing". passes.graph_utils.import_graph keeps it.
+    from optimizer.manager import graph_to_model
+    from passes.graph_utils import import_graph
+    from passes.simplify import FoldShapes
+
+    model = _ort_dynamic_quantized_lstm(tmp_path)
+    graph = import_graph(model)
+    assert [t.shape for t in graph.outputs] == [[5, 12], [1, 2, 8]]
+    result = FoldShapes().run(graph, PassContext())
+    assert result.changed and result.stats["shapes_folded"] == 1
+    optimized = graph_to_model(graph.cleanup().toposort(), model)
+    onnx.checker.check_model(optimized, full_check=True)
+    assert _declared_io(optimized) == _declared_io(model)
+    assert "Shape" not in op_types(optimized) and "DynamicQuantizeLSTM" in op_types(optimized)
+    for seed in range(3):
+        assert_same_outputs(model, optimized, random_inputs(model, seed=seed))
+
+
+@pytest.mark.parametrize("spec", ["fold-shapes", "default"])
+def test_passes_on_ort_dynamic_quantized_lstm(tmp_path, spec):
+    model = _ort_dynamic_quantized_lstm(tmp_path)
+    result = PassManager(spec).run(model)
+    assert not [(r.spec, r.error) for r in result.records if r.error or r.rolled_back]
+    assert not [w for w in result.warnings if "rolled back" in w], result.warnings
+    assert result.records[0].changed if spec == "fold-shapes" else any(r.changed for r in result.records)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert _declared_io(result.model) == _declared_io(model)
+    for seed in range(3):
+        assert_same_outputs(model, result.model, random_inputs(model, seed=seed))
+
+
 # -- all four together on the sample transformer ------------------------------------------------
 
 
