@@ -287,3 +287,27 @@ def engine_profile(plan: ShapePlan, specs: list[InputSpec], max_batch: int = 8) 
             low[0], high[0] = 1, max(opt[0], max_batch)
         profile[spec.name] = ShapeSpec(tuple(opt), tuple(low), tuple(high))
     return profile
+
+
+def runnable_shapes(model: onnx.ModelProto, given: Mapping[str, ShapeSpec] | None = None) -> ShapePlan:
+    """``resolve_shapes`` with the original run in ONNX Runtime on synthetic inputs to prove each
+    candidate; a model ONNX Runtime cannot load gives a plan with ``runs=False``."""
+    from calibration.data import synthetic_inputs
+    from optimizer.runtime import OrtRunner, RuntimeFailure, input_specs
+
+    specs = input_specs(model)
+    try:
+        runner = OrtRunner(model)
+    except RuntimeFailure as exc:
+        plan = resolve_shapes(model, specs, given)
+        plan.runs, plan.failure = False, str(exc)
+        return plan
+
+    def try_run(shapes: dict[str, tuple[int, ...]]) -> str | None:
+        try:
+            runner.run(synthetic_inputs(specs, shapes))
+        except InputError as exc:
+            return str(exc)
+        return None
+
+    return resolve_shapes(model, specs, given, try_run=try_run)

@@ -210,24 +210,13 @@ def _runnable_synthetic(model: onnx.ModelProto, ctx: PassContext, warnings: list
     """Synthetic inputs at shapes under which ``model`` runs (``calibration.shapes``), for a
     ``PassManager`` used without the ``optimize`` driver's sample plan."""
     from calibration.data import ShapeSpec, synthetic_inputs
-    from calibration.shapes import resolve_shapes
+    from calibration.shapes import runnable_shapes
 
-    specs = input_specs(model)
-    runner = OrtRunner(model)
-
-    def try_run(shapes):
-        try:
-            runner.run(synthetic_inputs(specs, shapes))
-        except InputError as exc:
-            return str(exc)
-        return None
-
-    given = {n: ShapeSpec(tuple(s)) for n, s in (ctx.input_shapes or {}).items()}
-    plan = resolve_shapes(model, specs, given, try_run=try_run)
+    plan = runnable_shapes(model, {n: ShapeSpec(tuple(s)) for n, s in (ctx.input_shapes or {}).items()})
     if not plan.runs:
         raise InputError(f"the original model does not run on synthetic inputs ({plan.failure}); give {plan.hint()}")
     warnings.extend(plan.warnings)
-    return synthetic_inputs(specs, plan.shapes)
+    return synthetic_inputs(input_specs(model), plan.shapes)
 
 
 def _short(exc: BaseException) -> str:

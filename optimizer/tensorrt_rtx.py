@@ -275,7 +275,9 @@ def check_model(
     """Parse ``model`` with TensorRT-RTX, list unsupported nodes, and (``build``) build an engine.
 
     ``shapes`` sets the optimization profile: ``{input: shape}`` or ``{input: (min, opt, max)}``.
-    Dynamic dimensions of inputs it does not name default to 1 (min = opt = max). The engine is
+    Dynamic dimensions of inputs it does not name get sizes under which the model runs in ONNX
+    Runtime (``calibration.shapes``: a dynamic batch spans 1..8, other dims fixed), or 1 when
+    ONNX Runtime cannot run it either. The engine is
     built for ``compute_capability`` (``"SM75"`` ... ``"SM120"``; see ``compute_capabilities()``)
     and, with ``save_engine``, written there atomically. ``workspace_mb`` caps the builder's
     workspace memory.
@@ -299,6 +301,8 @@ def check_model(
     if save_engine is not None:
         _check_engine_target(Path(save_engine), source.path)
     profiles = _normalize_shapes(shapes, _input_names(proto))
+    if build:
+        profiles = _runnable_profiles(proto, profiles)
     # load_model has loaded any external data into memory; such a model (or one too big for
     # protobuf) goes back to disk, with external data, in a private temporary folder.
     weights = weights_nbytes(proto)
@@ -381,6 +385,23 @@ def _find_unsupported(trt, logger, proto, data: bytes, path: Path | None, result
             )
     result.unsupported += extra
     return [message for *_, message in errors]
+
+
+def _runnable_profiles(proto: onnx.ModelProto, profiles: dict[str, ShapeProfile]) -> dict[str, ShapeProfile]:
+    """``profiles`` plus profiles for the dynamic inputs it leaves out, at sizes the model runs at
+    (an engine built for 1x1 images fails where the model's upsampling needs more)."""
+    from calibration.data import ShapeSpec
+    from calibration.shapes import engine_profile, runnable_shapes
+    from optimizer.runtime import input_specs
+
+    specs = [s for s in input_specs(proto) if s.is_dynamic and s.name not in profiles]
+    if not specs:
+        return profiles
+    plan = runnable_shapes(proto, {n: ShapeSpec(p[1]) for n, p in profiles.items()})
+    if not plan.runs:
+        return profiles
+    extra = _normalize_shapes(engine_profile(plan, specs), _input_names(proto))
+    return {**profiles, **extra}
 
 
 def _build(trt, session: _Session, result: TrtCheckResult, cc_value, profiles, workspace_mb, save_engine) -> None:
