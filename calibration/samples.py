@@ -107,13 +107,15 @@ class RunSamples:
     def verify_samples(self) -> int:
         return sum(_batch_len(b) for b in self.verify)
 
-    def to_dict(self) -> dict:
+    def to_dict(self, calibrates: bool = True) -> dict:
+        """JSON for the report; ``calibrates``: whether any pass read the calibration samples."""
+        calibration = {"source": self.calibration.description, "samples": self.calibration.num_samples,
+                       "synthetic": bool(self.calibration.synthetic)} if calibrates else None
         return {
             "origin": self.origin,
             "verification": {"samples": self.verify_samples, "batches": len(self.verify)},
             "evaluation": {"source": self.evaluation.description, "samples": self.evaluation.num_samples},
-            "calibration": {"source": self.calibration.description, "samples": self.calibration.num_samples,
-                            "synthetic": bool(self.calibration.synthetic)},
+            "calibration": calibration,
             "held_out": self.held_out,
             "note": self.note,
         }

@@ -20,7 +20,7 @@ from optimizer.interface import restore_dynamic_dims
 from optimizer.io import default_output_path, load_model, save_model
 from optimizer.manager import Hook, PassManager, VerifyMode
 from optimizer.pass_base import PassContext
-from optimizer.pipeline import Step
+from optimizer.pipeline import Step, iter_passes
 from optimizer.report import Report
 from optimizer.runtime import OrtRunner, input_specs
 from optimizer.stats import model_stats
@@ -95,11 +95,13 @@ def optimize(
     manager = PassManager(pipeline, verify=verify_used, strict=strict, keep_going=keep_going, hooks=hooks,
                           lossy_finite_only=lossy_finite_only)
     ctx = PassContext(input_shapes=dict(plan.shapes) if static_shapes else {}, progress=progress)
+    calibrates = any(type(p).uses_calibration for p in iter_passes(manager.steps))
     if samples is not None:
         ctx.verify_batches = samples.verify
         ctx.reference_inputs = samples.verify[0] if samples.verify else None
         ctx.calibration = samples.calibration
-        input_warnings += [w for w in samples.warnings if w not in input_warnings]
+        if calibrates:
+            input_warnings += [w for w in samples.warnings if w not in input_warnings]
     elif calibration is not None:
         from calibration.sources import open_source
 
@@ -114,7 +116,7 @@ def optimize(
         ir_version=original.ir_version,
     )
     report.inputs = plan.to_dict()
-    report.samples = samples.to_dict() if samples is not None else None
+    report.samples = samples.to_dict(calibrates) if samples is not None else None
     try:
         result = manager.run(original, ctx)
     except PassError as exc:

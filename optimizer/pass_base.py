@@ -102,6 +102,9 @@ class Pass:
     #: Op types the pass can act on: when the model (subgraphs included) holds none of them, the
     #: manager skips the pass without importing the graph. Empty: always run.
     requires_any_op: ClassVar[frozenset[str]] = frozenset()
+    #: The pass reads ``ctx.calibration`` (ranges, activation statistics): the driver plans
+    #: calibration samples for it and tells the user which ones it used.
+    uses_calibration: ClassVar[bool] = False
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -75,6 +75,7 @@ class ConvertFp16(Pass):
 
     name = "convert-fp16"
     lossy = True
+    uses_calibration = True
     # Scale-free: FP16 rounding grows with the logits' magnitude, so an absolute bound would reject
     # correct conversions of deep networks (and accept broken ones of shallow ones).
     tolerance = Tolerance(rtol=float("inf"), atol=float("inf"), min_cosine=0.999)

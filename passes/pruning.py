@@ -1397,6 +1397,7 @@ class PruneChannels(Pass):
 
     name = "prune-channels"
     lossy = True
+    uses_calibration = True
     tolerance = UNBOUNDED
 
     importance: Literal["l1", "l2", "bn-gamma", "activation"] = "l1"

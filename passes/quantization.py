@@ -194,6 +194,7 @@ class QuantizeInt8(Pass):
 
     name = "quantize-int8"
     lossy = True
+    uses_calibration = True
     tolerance = Tolerance(rtol=float("inf"), atol=float("inf"), min_cosine=0.98, max_mismatch=0.05)
 
     method: str = "entropy"
