@@ -29,7 +29,9 @@ from calibration.collect import TensorStats
 from optimizer.errors import InputError
 
 INT8_MAX = 127
-METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
+#: ``sqnr`` (alias ``auto`` at this level): per tensor, the candidate with the best SQNR on the
+#: tensor's own sample. ``quantize-int8(method=auto)`` instead selects one method end to end.
+METHODS = ("minmax", "percentile", "entropy", "mse", "sqnr", "auto")
 AUTO_CANDIDATES = ("minmax", "percentile", "entropy", "mse")
 DEFAULT_PERCENTILE = 99.99
 
@@ -276,7 +278,7 @@ def auto(
     """The candidate method's range with the best SQNR on the reservoir sample (first on ties)."""
     best: TensorRange | None = None
     for method in candidates:
-        if method == "auto" or method not in _METHODS:
+        if method in ("auto", "sqnr") or method not in _METHODS:
             raise InputError(f"auto cannot use candidate method {method!r}; choose from {', '.join(AUTO_CANDIDATES)}")
         found = compute_range(stats, method, percentile=percentile)
         if best is None or _score(found) > _score(best):
@@ -294,6 +296,7 @@ _METHODS: dict[str, Callable[..., TensorRange]] = {
     "percentile": percentile,
     "entropy": entropy,
     "mse": mse,
+    "sqnr": auto,
     "auto": auto,
 }
 
@@ -310,7 +313,7 @@ def check_method(method: str) -> str:
 def compute_range(stats: TensorStats, method: str = "entropy", *, percentile: float = DEFAULT_PERCENTILE) -> TensorRange:
     """The range of one tensor by ``method`` (one of ``METHODS``)."""
     check_method(method)
-    if method in ("percentile", "auto"):
+    if method in ("percentile", "sqnr", "auto"):
         return _METHODS[method](stats, percentile=percentile)
     return _METHODS[method](stats)
 

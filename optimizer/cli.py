@@ -56,9 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     precision.add_argument("--calib", metavar="DATA",
                            help="calibration data (.npz, .npy, a folder of .npy files or of images) for INT8 ranges, "
                                 "FP16 activation ranges and pruning's bias compensation")
-    precision.add_argument("--calib-method", default="entropy",
-                           choices=("minmax", "percentile", "entropy", "mse", "auto"),
-                           help="range method for --int8 (default: entropy, as TensorRT's EntropyCalibrator2)")
+    precision.add_argument("--calib-method", default="auto",
+                           choices=("auto", "minmax", "percentile", "entropy", "mse", "sqnr"),
+                           help="range method for --int8 (default auto: every method is tried and the one whose "
+                                "model agrees best with the float model on held-out samples is kept)")
     precision.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
                            help="accuracy budget: fall back the most sensitive layers to float until the drop fits")
     precision.add_argument("--range-cache", metavar="FILE",

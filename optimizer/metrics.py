@@ -26,6 +26,7 @@ class OutputMetrics:
     argmax_agreement: float | None  # fraction of rows whose argmax (last axis) agrees
     mismatch: float  # fraction of elements that differ (integer/bool outputs) or are non-finite only on one side
     elements: int
+    sqnr_db: float | None = None  # 10 log10(sum ref^2 / sum (ref - new)^2), capped at 100 dB; None for non-float
 
     @property
     def max_rel(self) -> float:
@@ -61,6 +62,8 @@ class OutputMetrics:
         parts = [f"max abs err {self.max_abs:.3g}", f"rel {self.max_rel:.3g}"]
         if self.cosine is not None:
             parts.append(f"cosine {self.cosine:.6f}")
+        if self.sqnr_db is not None and self.sqnr_db < 100:
+            parts.append(f"SQNR {self.sqnr_db:.1f} dB")
         if self.mismatch:
             parts.append(f"mismatch {self.mismatch:.2%}")
         return ", ".join(parts)
@@ -79,7 +82,7 @@ class OutputAccumulator:
         self.max_abs = 0.0
         self.sum_abs = 0.0
         self.max_ref = 0.0
-        self.dot = self.ref_sq = self.new_sq = 0.0
+        self.dot = self.ref_sq = self.new_sq = self.err_sq = 0.0
         self.rows = self.rows_agree = 0
         self.mismatched = 0
         self.elements = 0
@@ -110,6 +113,7 @@ class OutputAccumulator:
             self.dot += float(np.dot(r[finite], n[finite]))
             self.ref_sq += float(np.dot(r[finite], r[finite]))
             self.new_sq += float(np.dot(n[finite], n[finite]))
+            self.err_sq += float(np.dot(diff, diff))
         if ref.ndim >= 2 and ref.shape[-1] > 1:
             ra = np.argmax(ref.reshape(-1, ref.shape[-1]), axis=-1)
             na = np.argmax(new.reshape(-1, new.shape[-1]), axis=-1)
@@ -128,7 +132,9 @@ class OutputAccumulator:
         mean_abs = self.sum_abs / self.elements if self.elements else 0.0
         agreement = self.rows_agree / self.rows if self.rows else None
         mismatch = self.mismatched / self.elements if self.elements else 0.0
-        return OutputMetrics(self.name, self.max_abs, mean_abs, self.max_ref, cosine, agreement, mismatch, self.elements)
+        sqnr = 100.0 if self.err_sq <= 0 else float(min(100.0, 10 * np.log10(max(self.ref_sq, 1e-300) / self.err_sq)))
+        return OutputMetrics(self.name, self.max_abs, mean_abs, self.max_ref, cosine, agreement, mismatch, self.elements,
+                             sqnr)
 
 
 def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> list[OutputMetrics]:

@@ -182,8 +182,17 @@ class QuantizeInt8(Pass):
     - Tiny layers (weights with fewer than ``min_weight_elements`` values) stay float: Q/DQ costs
       more than INT8 saves there. If/Loop/Scan bodies are left in float.
 
-    Options: ``method`` (minmax, percentile, entropy, mse, auto; default entropy, TensorRT's
-    EntropyCalibrator2), ``percentile`` (99.99), ``min_weight_elements`` (128), ``residual``
+    Calibration method (``method``): ``auto`` (the default) chooses end to end. Statistics are
+    collected once (running min/max, the |x| histogram, a bounded sample); ranges are computed for
+    every candidate -- minmax, percentile at 99.9/99.99/99.999, entropy (TensorRT's
+    EntropyCalibrator2), mse, and per-tensor best SQNR (``sqnr``) -- and each candidate model is
+    scored by its agreement with the float model (mean output SQNR in dB) on the verification
+    samples (held out of the statistics when the calibration set is large enough, or ``--data``);
+    the best is kept and the table (method, score, time) is in the report's details. A fixed
+    method (minmax, percentile, entropy, mse, sqnr) skips the selection.
+
+    Options: ``method`` (auto, minmax, percentile, entropy, mse, sqnr), ``percentile`` (99.99, for
+    ``method=percentile``), ``min_weight_elements`` (128), ``residual``
     (true), ``pooling`` (false), ``exclude`` (node names to keep in float; the mixed-precision
     search fills it), ``range_cache`` (a JSON file: ranges are read from it when it was made for
     this graph structure, else calibrated and written to it). Needs calibration data in the context (``--calib``); without it, synthetic
@@ -197,7 +206,7 @@ class QuantizeInt8(Pass):
     uses_calibration = True
     tolerance = Tolerance(rtol=float("inf"), atol=float("inf"), min_cosine=0.98, max_mismatch=0.05)
 
-    method: str = "entropy"
+    method: str = "auto"
     percentile: float = 99.99
     min_weight_elements: int = 128
     residual: bool = True
@@ -206,8 +215,8 @@ class QuantizeInt8(Pass):
     range_cache: str = ""
 
     def __post_init__(self):
-        if self.method not in ("minmax", "percentile", "entropy", "mse", "auto"):
-            raise ValueError(f"method must be one of minmax, percentile, entropy, mse, auto; got {self.method!r}")
+        if self.method not in METHOD_CHOICES:
+            raise ValueError(f"method must be one of {', '.join(METHOD_CHOICES)}; got {self.method!r}")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         opset = int(graph.opset or ctx.opset or 0)
@@ -228,7 +237,9 @@ class QuantizeInt8(Pass):
         if not sites:
             return PassResult(False, stats={f"skipped_{k}": v for k, v in skipped.items()})
         activations = sorted({s.node.inputs[s.index].name for s in sites if s.kind == "activation"})
-        ranges, calib_info = calibrate(graph, activations, ctx, self.method, self.percentile, self.range_cache)
+        float_model = _graph_model(graph) if self.method == "auto" else None
+        candidates, calib_info = calibrate(graph, activations, ctx, self.method, self.percentile, self.range_cache)
+        ranges = next(iter(candidates.values()))
         details: dict = {"calibration": calib_info, "tensors": {}, "weights": {}, "nodes": []}
         qdq: dict[str, gs.Variable] = {}
         weights: dict[tuple[str, int | None], gs.Variable] = {}
@@ -252,6 +263,14 @@ class QuantizeInt8(Pass):
             if id(site.node) not in quantized_nodes:
                 quantized_nodes.add(id(site.node))
                 details["nodes"].append(site.node.name)
+        if len(candidates) > 1 and qdq:
+            chosen, table, scored_on = select_method(graph, float_model, qdq, candidates, ctx)
+            ranges = candidates[chosen]
+            for name in details["tensors"]:
+                details["tensors"][name] = ranges[name]
+                _set_scale(qdq[name], ranges[name]["scale"])
+            details["method_selection"] = {"chosen": chosen, "candidates": table, "scored_on": scored_on}
+            calib_info["method"] = f"auto: {chosen}"
         stats = {
             "quantized_nodes": len(quantized_nodes),
             "quantized_activations": len(qdq),
@@ -292,11 +311,27 @@ def _dequantized_weight(graph: gs.Graph, tensor: gs.Tensor, axis: int | None) ->
     return out, info
 
 
+#: ``method`` values of ``quantize-int8``; ``auto`` selects among ``AUTO_CANDIDATES`` end to end.
+METHOD_CHOICES = ("auto", "minmax", "percentile", "entropy", "mse", "sqnr")
+#: (label, range method, percentile) tried by ``method=auto``, in order (the first wins ties).
+AUTO_CANDIDATES = (
+    ("minmax", "minmax", None),
+    ("percentile-99.9", "percentile", 99.9),
+    ("percentile-99.99", "percentile", 99.99),
+    ("percentile-99.999", "percentile", 99.999),
+    ("entropy", "entropy", None),
+    ("mse", "mse", None),
+    ("sqnr", "sqnr", None),
+)
+
+
 def calibrate(graph: gs.Graph, tensors: list[str], ctx: PassContext, method: str, percentile: float, cache: str = ""):
     """Ranges for ``tensors`` on the context's calibration data (synthetic if none), or from a
     JSON range cache made for this graph structure.
 
-    Returns ``({name: {"amax", "scale", "method", "sqnr_db"}}, info)``.
+    Returns ``({candidate label: {name: {"amax", "scale", "method", "sqnr_db"}}}, info)``: one
+    candidate for a fixed method or a cache, every ``AUTO_CANDIDATES`` entry for ``auto`` --
+    from one collection of statistics.
     """
     from pathlib import Path
 
@@ -310,17 +345,21 @@ def calibrate(graph: gs.Graph, tensors: list[str], ctx: PassContext, method: str
         if all(t in cached for t in tensors):
             result = {t: {"amax": float(cached[t].amax), "scale": float(cached[t].scale), "method": cached[t].method,
                           "sqnr_db": _round(cached[t].sqnr_db)} for t in tensors}
-            return result, {"source": f"range cache {cache}", "synthetic": False, "samples": 0, "method": method, "skipped": {}}
+            info = {"source": f"range cache {cache}", "synthetic": False, "samples": 0, "method": "cache", "skipped": {}}
+            return {"cache": result}, info
     source = _source_for(model, ctx, ctx.calibration)
     stats = collect.collect_statistics(model, tensors, source, progress=ctx.progress)
-    result = {}
-    computed = []
-    for name, st in stats.items():
-        r = range_methods.compute_range(st, method, percentile=percentile)
-        computed.append(r)
-        result[name] = {"amax": float(r.amax), "scale": float(r.scale), "method": r.method, "sqnr_db": _round(r.sqnr_db)}
-    if cache and computed and not stats.synthetic:
-        save_ranges(cache, computed, model)
+    plan = AUTO_CANDIDATES if method == "auto" else ((method, method, percentile),)
+    candidates: dict[str, dict] = {}
+    for label, range_method, pct in plan:
+        result = {}
+        for name, st in stats.items():
+            r = range_methods.compute_range(st, range_method, percentile=pct if pct is not None else percentile)
+            result[name] = {"amax": float(r.amax), "scale": float(r.scale), "method": label, "sqnr_db": _round(r.sqnr_db)}
+        candidates[label] = result
+    if cache and not stats.synthetic and method != "auto":
+        save_ranges(cache, [range_methods.TensorRange(n, v["amax"], v["method"], v["sqnr_db"])
+                            for n, v in candidates[method].items()], model)
     info = {
         "source": stats.source,
         "synthetic": bool(stats.synthetic),
@@ -328,12 +367,79 @@ def calibrate(graph: gs.Graph, tensors: list[str], ctx: PassContext, method: str
         "method": method,
         "skipped": dict(stats.skipped),
     }
-    missing = [t for t in tensors if t not in result]
+    missing = [t for t in tensors if t not in stats]
     if missing:
         log.info("no calibration statistics for %d tensor(s): %s", len(missing), ", ".join(missing[:5]))
-    if not result and tensors:
+    if not stats and tensors:
         raise InputError("calibration produced no ranges; check the calibration data")
-    return result, info
+    return candidates, info
+
+
+def select_method(graph: gs.Graph, float_model, qdq: dict[str, gs.Variable], candidates: dict[str, dict], ctx: PassContext):
+    """Score every candidate's scales end to end: the quantized model (scales swapped in) against
+    the float model, mean output SQNR in dB, on the verification samples. Returns
+    ``(chosen label, table, description of the samples)``."""
+    import time
+
+    import onnx
+    from onnx import numpy_helper
+
+    from optimizer.metrics import compare_batches
+    from optimizer.runtime import OrtRunner
+
+    batches, scored_on = _scoring_batches(ctx)
+    reference = [OrtRunner(float_model).run(b) for b in batches]
+    quantized = _graph_model(graph)
+    scale_names = {name: _scale_constant(dq).name for name, dq in qdq.items()}
+    index = {init.name: i for i, init in enumerate(quantized.graph.initializer)}
+    table = []
+    for label, ranges in candidates.items():
+        start = time.perf_counter()
+        model = onnx.ModelProto()
+        model.CopyFrom(quantized)
+        for tensor, init_name in scale_names.items():
+            scale = np.asarray(max(float(ranges[tensor]["scale"]), 1e-12), np.float32)
+            model.graph.initializer[index[init_name]].CopyFrom(numpy_helper.from_array(scale, init_name))
+        runner = OrtRunner(model)
+        outputs = [runner.run(b) for b in batches]
+        metrics = [m for m in compare_batches(reference, outputs) if m.cosine is not None]
+        score = float(np.mean([m.sqnr_db for m in metrics])) if metrics else 0.0
+        table.append({"method": label, "sqnr_db": round(score, 3),
+                      "cosine": round(min((m.cosine for m in metrics), default=1.0), 6),
+                      "time_s": round(time.perf_counter() - start, 4)})
+    best = max(table, key=lambda row: row["sqnr_db"])  # first on ties: max keeps the earliest
+    return best["method"], table, scored_on
+
+
+def _scoring_batches(ctx: PassContext):
+    """The verification batches (in the current model's layout), else a few calibration batches."""
+    from calibration.sources import AdaptedSource
+
+    if ctx.verify_batches:
+        adapt = ctx.feed_adapter or (lambda feeds: feeds)
+        batches = [adapt(b) for b in ctx.verify_batches]
+        n = sum(next(iter(b.values())).shape[0] if b and next(iter(b.values())).ndim else 1 for b in batches)
+        return batches, f"{n} verification sample(s)"
+    source = ctx.calibration
+    specs = ctx.original_inputs
+    if source is None or specs is None:
+        raise InputError("method=auto needs samples to score candidates on; give --calib or --data")
+    if ctx.feed_adapter is not None:
+        source = AdaptedSource(source, specs, ctx.feed_adapter)
+    batches = []
+    for feeds in source.batches(specs, 8):
+        batches.append(feeds)
+        if len(batches) >= 1:
+            break
+    return batches, "the first calibration batch"
+
+
+def _scale_constant(dq_out: gs.Variable) -> gs.Constant:
+    return dq_out.inputs[0].inputs[1]
+
+
+def _set_scale(dq_out: gs.Variable, scale: float) -> None:
+    _scale_constant(dq_out).values = np.asarray(max(float(scale), 1e-12), np.float32)
 
 
 def _round(value):
