@@ -24,6 +24,7 @@ from optimizer.pipeline import Step, iter_passes
 from optimizer.report import Report
 from optimizer.runtime import OrtRunner, input_specs
 from optimizer.stats import model_stats
+from optimizer.task_metrics import load_metric
 from optimizer.validate import validate_model
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ def optimize(
     lossy_finite_only: bool | None = None,
     hooks: list[Hook] | None = None,
     progress: Callable[[str, int | None], Callable[..., None]] | None = None,
+    metric=None,
 ) -> OptimizeResult:
     """Optimize ``model`` with ``pipeline``; save to ``output`` when given (never over the input).
 
@@ -69,9 +71,12 @@ def optimize(
     what verification, calibration and evaluation feed and do not change the model's interface
     unless ``static_shapes``. ``max_accuracy_drop``: an accuracy budget in points (see
     ``optimizer.budget``). ``lossy_finite_only``: verify lossy passes only for finite outputs
-    (default: when a budget is set). Raises ``InputError``/``PipelineError`` for bad input.
+    (default: when a budget is set). ``metric``: a task metric (built-in name, ``module:function``
+    or a callable ``f(outputs, reference, labels) -> points``; ``optimizer.task_metrics``) used by
+    the evaluation, ``method=auto`` and the budget. Raises ``InputError``/``PipelineError`` for bad input.
     """
     start = time.perf_counter()
+    loaded_metric = load_metric(metric)
     original, source = load_model(model)
     input_warnings = validate_model(original, source.path)
     if lossy_finite_only is None:
@@ -94,7 +99,8 @@ def optimize(
         input_warnings += plan.warnings
     manager = PassManager(pipeline, verify=verify_used, strict=strict, keep_going=keep_going, hooks=hooks,
                           lossy_finite_only=lossy_finite_only)
-    ctx = PassContext(input_shapes=dict(plan.shapes) if static_shapes else {}, progress=progress)
+    ctx = PassContext(input_shapes=dict(plan.shapes) if static_shapes else {}, progress=progress,
+                      metric=loaded_metric[1] if loaded_metric else None)
     calibrates = any(type(p).uses_calibration for p in iter_passes(manager.steps))
     if samples is not None:
         ctx.verify_batches = samples.verify
@@ -151,12 +157,12 @@ def optimize(
             report.warnings.append(f"accuracy not measured: the original model runs at no shape tried; pass {plan.hint()}")
         else:
             accuracy = evaluate(original, result.model, samples.evaluation, plan.shapes, progress=progress,
-                                note=samples.note, batch_size=1 if prepared.batch_size == 1 else 32)
+                                note=samples.note, batch_size=1 if prepared.batch_size == 1 else 32, metric=loaded_metric)
             if max_accuracy_drop is not None:
                 from optimizer.budget import fit_budget
 
                 fitted = fit_budget(original, manager.steps, ctx, max_accuracy_drop, samples.evaluation, plan.shapes,
-                                    result, accuracy)
+                                    result, accuracy, metric=loaded_metric)
                 result.model, result.records, accuracy = fitted.model, fitted.records, fitted.accuracy
                 if not static_shapes:
                     restore_dynamic_dims(original, result.model)
@@ -169,6 +175,7 @@ def optimize(
                     "met": fitted.met,
                     "fallbacks": [vars(f) for f in fitted.fallbacks],
                     "sensitivity": {k: round(v, 4) for k, v in fitted.sensitivity.items()},
+                    "evaluations": fitted.evaluations,
                 }
                 if not fitted.met:
                     report.status = "accuracy_failed"

@@ -1,25 +1,32 @@
-"""Accuracy budgets: fall back the most sensitive layers until the accuracy drop fits.
+"""Accuracy budgets: return layers to float until the accuracy drop fits.
 
-``--max-accuracy-drop D`` bounds the loss, in points, of the metric in use: task accuracy when the
-evaluation data has labels, else argmax agreement with the original (in %), else cosine
-similarity x 100. After the pipeline runs, if the drop exceeds ``D``:
+``--max-accuracy-drop D`` bounds the loss, in points, of the metric in use: the task metric
+(``--metric``) when given, else task accuracy when the evaluation data has labels, else argmax
+agreement with the original (in %), else cosine similarity x 100. After the pipeline runs, if the
+drop exceeds ``D``:
 
 1. the pipeline is split at its first tunable lossy pass (``quantize-int8`` or
    ``prune-channels``): the part before it runs once;
-2. per-layer sensitivity: quantization -- the tail is re-run with only that layer kept in float
-   and the metric gain recorded; pruning -- the tail is re-run with only that channel group pruned
-   and the metric loss recorded;
-3. quantization: layers return to float, most sensitive first, until the drop fits; pruning:
-   groups are pruned at the requested ratio, least sensitive first, while the drop still fits.
+2. quantization: layers are ranked by their local quantization noise (weight and input SQNR from
+   the first run: no evaluation needed), and a bisection finds the smallest number ``k`` of the
+   noisiest layers whose return to float meets the budget -- ``1 + log2(n)`` evaluations instead
+   of one per layer, and it works when the loss is spread over many layers (where returning any
+   single layer helps nothing). Calibration runs once: every candidate reuses the first run's
+   ranges through a range cache in a temporary folder.
+3. pruning: per-group sensitivity (the tail re-run with only that group pruned), then groups are
+   pruned least sensitive first while the drop still fits.
 
-Every fallback is reported with its measured sensitivity. Evaluation streams the data, so memory
-stays flat; the cost is one evaluation per quantized layer plus one per fallback step.
+Every fallback is reported with its local noise, and the evaluations spent. Evaluation streams the
+data, so memory stays flat.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import tempfile
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import onnx
 
@@ -54,10 +61,13 @@ class BudgetResult:
     fallbacks: list[Fallback] = field(default_factory=list)
     sensitivity: dict[str, float] = field(default_factory=dict)
     met: bool = True
+    evaluations: int = 0
 
 
 def metric_of(report: AccuracyReport) -> tuple[str, float, float]:
     """(name, original value, optimized value) of the metric the budget applies to, in points."""
+    if report.metric is not None:
+        return f"metric {report.metric.name}", report.metric.original, report.metric.optimized
     if report.task is not None:
         return "task_accuracy", report.task.original, report.task.optimized
     first = report.outputs[0] if report.outputs else None
@@ -84,8 +94,9 @@ def fit_budget(
     shapes,
     first_run,
     first_accuracy: AccuracyReport,
+    metric=None,
 ) -> BudgetResult:
-    """Tune the tunable pass's ``exclude`` list until the metric drop is within ``budget``."""
+    """Tune the tunable pass until the metric drop is within ``budget`` (see the module docstring)."""
     name, base, value = metric_of(first_accuracy)
     result = BudgetResult(first_run.model, first_run.records, first_accuracy, name, base - value)
     if base - value <= budget:
@@ -99,37 +110,88 @@ def fit_budget(
     prefix = PassManager(head, verify="off").run(original, ctx) if head else None
     start_model = prefix.model if prefix else original
     if tunable.name == "prune-channels":
-        return _fit_pruning(original, prefix, start_model, tail, ctx, budget, dataset, shapes, first_run, result, base)
-    quantized = next((r.details.get("nodes", []) for r in first_run.records if r.name == tunable.name and r.changed), [])
+        return _fit_pruning(original, prefix, start_model, tail, ctx, budget, dataset, shapes, first_run, result, base,
+                            metric)
+    record = next((r for r in first_run.records if r.name == tunable.name and r.changed), None)
+    if record is None:
+        result.met = False
+        return result
+    order, noise = rank_layers(record.details)
+    with tempfile.TemporaryDirectory(prefix="budget-") as scratch:
+        tuned = _reuse_ranges(tunable, record.details, start_model, Path(scratch))
+        evaluations = 0
 
-    def run_tail(excluded: list[str]):
-        tuned = replace(tunable, exclude=list(tunable.exclude) + excluded)
-        run = PassManager([tuned, *tail[1:]], verify="off").run(start_model, ctx)
-        acc = evaluate(original, run.model, dataset, shapes)
-        return run, acc, metric_of(acc)[2]
+        def run_tail(excluded: list[str]):
+            nonlocal evaluations
+            evaluations += 1
+            run = PassManager([replace(tuned, exclude=list(tuned.exclude) + excluded), *tail[1:]],
+                              verify="off").run(start_model, ctx)
+            acc = evaluate(original, run.model, dataset, shapes, metric=metric)
+            log.info("budget: %d layer(s) in float -> %s drop %.3f", len(excluded), name, base - metric_of(acc)[2])
+            return run, acc, metric_of(acc)[2]
 
-    for node in quantized:
-        _, _, m = run_tail([node])
-        result.sensitivity[node] = m - value
-    order = sorted(quantized, key=lambda n: result.sensitivity[n], reverse=True)
-    excluded: list[str] = []
-    for node in order:
-        excluded.append(node)
-        run, acc, m = run_tail(excluded)
-        log.info("budget: %d layer(s) in float -> %s %.3f (drop %.3f)", len(excluded), name, m, base - m)
-        if base - m <= budget:
-            break
+        # Bisection over k, the number of highest-noise layers returned to float: the smallest k
+        # whose drop fits, in 1 + log2(n) evaluations (k = n first: if even that fails, stop).
+        lo, hi = 0, len(order)
+        best = run_tail(order)
+        if base - best[2] <= budget:
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                candidate = run_tail(order[:mid])
+                if base - candidate[2] <= budget:
+                    hi, best = mid, candidate
+                else:
+                    lo = mid
+        excluded = order[:hi]
+    run, acc, m = best
     check_structure(run.model)
     result.model = run.model
     result.records = (prefix.records if prefix else []) + run.records
     result.accuracy = acc
     result.drop = base - m
     result.met = result.drop <= budget
-    result.fallbacks = [Fallback(n, tunable.name, round(result.sensitivity[n], 4)) for n in excluded]
+    result.evaluations = evaluations
+    result.sensitivity = {n: round(v, 3) for n, v in noise.items()}
+    result.fallbacks = [Fallback(n, tunable.name, round(noise[n], 3), "highest quantization noise (local SQNR)")
+                        for n in excluded] if result.met else []
     return result
 
 
-def _fit_pruning(original, prefix, start_model, tail, ctx, budget, dataset, shapes, first_run, result, base):
+def rank_layers(details: dict) -> tuple[list[str], dict[str, float]]:
+    """Quantized layers, noisiest first, and each layer's local quantization noise in dB below the
+    signal (-SQNR of weight and input noise combined: 10 log10(10^(-w/10) + 10^(-a/10))).
+
+    Ranking by local noise costs no evaluation; one-at-a-time sensitivity costs one per layer and
+    says nothing when the loss is spread over many layers (every single fallback helps ~0)."""
+    tensors, weights = details.get("tensors", {}), details.get("weights", {})
+    noise = {}
+    for node, layer in details.get("layers", {}).items():
+        parts = [tensors[a].get("sqnr_db") for a in layer.get("activations", []) if a in tensors]
+        if layer.get("weight") in weights:
+            parts.append(weights[layer["weight"]].get("sqnr_db"))
+        powers = [10 ** (-float(p) / 10) for p in parts if p is not None]
+        noise[node] = 10 * math.log10(sum(powers)) if powers else -100.0
+    order = sorted(noise, key=lambda n: noise[n], reverse=True)
+    return order, noise
+
+
+def _reuse_ranges(tunable, details: dict, start_model: onnx.ModelProto, scratch: Path):
+    """``tunable`` reading the first run's ranges from a range cache: calibrate once, never per candidate."""
+    from calibration.cache import save_ranges
+    from calibration.ranges import TensorRange
+    from passes.graph_utils import import_graph
+    from passes.quantization import _graph_model
+
+    ranges = [TensorRange(n, float(v["amax"]), str(v["method"]), v.get("sqnr_db"))
+              for n, v in details.get("tensors", {}).items()]
+    if not ranges or not hasattr(tunable, "range_cache"):
+        return tunable
+    cache = scratch / "ranges.json"
+    save_ranges(cache, ranges, _graph_model(import_graph(start_model)))
+    return replace(tunable, range_cache=str(cache))
+
+
+def _fit_pruning(original, prefix, start_model, tail, ctx, budget, dataset, shapes, first_run, result, base, metric=None):
     """Choose which channel groups to prune (least sensitive first) so the drop fits the budget."""
     tunable = tail[0]
     record = next((r for r in first_run.records if r.name == tunable.name and r.changed), None)
@@ -138,7 +200,7 @@ def _fit_pruning(original, prefix, start_model, tail, ctx, budget, dataset, shap
     def run_tail(chosen: list[str]):
         tuned = replace(tunable, ratio=0.0, ratios=[f"{g}:{tunable.ratio}" for g in chosen])
         run = PassManager([tuned, *tail[1:]], verify="off").run(start_model, ctx)
-        acc = evaluate(original, run.model, dataset, shapes)
+        acc = evaluate(original, run.model, dataset, shapes, metric=metric)
         return run, acc, metric_of(acc)[2]
 
     for group in groups:

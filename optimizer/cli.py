@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                            choices=("auto", "minmax", "percentile", "entropy", "mse", "sqnr"),
                            help="range method for --int8 (default auto: every method is tried and the one whose "
                                 "model agrees best with the float model on held-out samples is kept)")
+    precision.add_argument("--metric", metavar="NAME|module:function",
+                           help="task metric in points, higher is better: top1, top5, argmax-agreement, cosine, sqnr, or "
+                                "your function f(outputs, reference, labels) (used by the report, --calib-method auto "
+                                "and --max-accuracy-drop)")
     precision.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
                            help="accuracy budget: fall back the most sensitive layers to float until the drop fits")
     precision.add_argument("--range-cache", metavar="FILE",
@@ -329,6 +333,7 @@ def _run(args: argparse.Namespace) -> int:
         evaluate_accuracy=not args.no_eval,
         max_accuracy_drop=args.max_accuracy_drop,
         progress=_progress_factory(interactive),
+        metric=args.metric,
     )
     report = result.report
     args.resolved_shapes = result.shapes

@@ -11,6 +11,7 @@ import onnx
 from calibration.data import ShapeSpec
 from optimizer.metrics import OutputAccumulator, OutputMetrics
 from optimizer.runtime import InputSpec, OrtRunner, input_specs, run_like
+from optimizer.task_metrics import MetricAccumulator, MetricScore, load_metric
 
 
 @dataclass
@@ -41,6 +42,7 @@ class AccuracyReport:
     task: TaskAccuracy | None = None
     warnings: list[str] = field(default_factory=list)
     note: str = ""  # which samples these are (held out of calibration, synthetic, ...)
+    metric: MetricScore | None = None  # the task metric (--metric), when one is given
 
     def to_dict(self) -> dict:
         return {
@@ -50,6 +52,7 @@ class AccuracyReport:
             "note": self.note,
             "outputs": {m.name: m.to_dict() for m in self.outputs},
             "task": self.task.to_dict() if self.task else None,
+            "metric": self.metric.to_dict() if self.metric else None,
             "warnings": list(self.warnings),
         }
 
@@ -63,11 +66,13 @@ def evaluate(
     batch_size: int = 32,
     progress: Callable[[str, int | None], Callable[..., None]] | None = None,
     note: str = "",
+    metric=None,
 ) -> AccuracyReport:
     """Stream ``data`` through both models batch by batch; memory does not grow with samples.
 
     ``data``: a ``CalibrationSource`` (see ``calibration.samples``), ``ArrayData``, a path, or None
-    for synthetic inputs at ``shapes`` (flagged in the report).
+    for synthetic inputs at ``shapes`` (flagged in the report). ``metric``: a task metric (a name,
+    ``module:function`` or a callable; see ``optimizer.task_metrics``) scored on both models.
     """
     from calibration.samples import SYNTHETIC_EVAL_SAMPLES, labelled_batches
     from calibration.sources import open_source
@@ -82,6 +87,8 @@ def evaluate(
     batches = labelled_batches(source, _with_batch_dims(specs, input_specs(optimized)), batch_size)
     accumulators = {name: OutputAccumulator(name) for name in ref_runner.output_names}
     first = ref_runner.output_names[0]
+    loaded = load_metric(metric)
+    scorer = MetricAccumulator(*loaded) if loaded else None
     correct_ref = correct_new = labelled = 0
     advance = progress("evaluating", source.num_samples) if progress else None
     for feeds, labels in batches:
@@ -97,12 +104,16 @@ def evaluate(
             correct_new += int(np.count_nonzero(new_top == labels))
             labelled += rows
         batch = next(iter(feeds.values())).shape[0] if feeds and next(iter(feeds.values())).ndim else 1
+        if scorer is not None:
+            scorer.update(new, ref, labels, batch)
         report.samples += batch
         if advance:
             advance(batch)
     report.outputs = [acc.result() for acc in accumulators.values()]
     if labelled:
         report.task = TaskAccuracy(first, 100.0 * correct_ref / labelled, 100.0 * correct_new / labelled)
+    if scorer is not None:
+        report.metric = scorer.result()
     return report
 
 

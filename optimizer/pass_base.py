@@ -80,6 +80,8 @@ class PassContext:
     #: original model to the current one (identity unless a pass changed the I/O layout).
     original_inputs: list | None = None
     feed_adapter: Callable[[dict], dict] | None = None
+    #: The user's task metric ``f(outputs, reference, labels) -> points`` (``--metric``), or None.
+    metric: Callable[..., float] | None = None
 
     def progress_bar(self, description: str, total: int | None = None) -> Callable[..., None]:
         """A progress callback; a no-op when nobody listens."""

@@ -240,12 +240,17 @@ class QuantizeInt8(Pass):
         float_model = _graph_model(graph) if self.method == "auto" else None
         candidates, calib_info = calibrate(graph, activations, ctx, self.method, self.percentile, self.range_cache)
         ranges = next(iter(candidates.values()))
-        details: dict = {"calibration": calib_info, "tensors": {}, "weights": {}, "nodes": []}
+        details: dict = {"calibration": calib_info, "tensors": {}, "weights": {}, "nodes": [], "layers": {}}
         qdq: dict[str, gs.Variable] = {}
         weights: dict[tuple[str, int | None], gs.Variable] = {}
         quantized_nodes: set[int] = set()
         for site in sites:
             tensor = site.node.inputs[site.index]
+            layer = details["layers"].setdefault(site.node.name, {"op": site.node.op, "activations": [], "weight": None})
+            if site.kind == "activation":
+                layer["activations"].append(tensor.name)
+            else:
+                layer["weight"] = tensor.name
             if site.kind == "activation":
                 if tensor.name not in ranges:
                     skipped["no_range"] = skipped.get("no_range", 0) + 1
@@ -403,12 +408,25 @@ def select_method(graph: gs.Graph, float_model, qdq: dict[str, gs.Variable], can
         runner = OrtRunner(model)
         outputs = [runner.run(b) for b in batches]
         metrics = [m for m in compare_batches(reference, outputs) if m.cosine is not None]
-        score = float(np.mean([m.sqnr_db for m in metrics])) if metrics else 0.0
-        table.append({"method": label, "sqnr_db": round(score, 3),
+        sqnr = float(np.mean([m.sqnr_db for m in metrics])) if metrics else 0.0
+        score = _metric_score(ctx.metric, outputs, reference, batches) if ctx.metric is not None else None
+        kind = "metric"
+        if score is None:  # no metric, or one that needs labels (the verification samples have none)
+            score, kind = sqnr, "sqnr_db"
+        table.append({"method": label, "score": round(score, 3), "score_kind": kind, "sqnr_db": round(sqnr, 3),
                       "cosine": round(min((m.cosine for m in metrics), default=1.0), 6),
                       "time_s": round(time.perf_counter() - start, 4)})
-    best = max(table, key=lambda row: row["sqnr_db"])  # first on ties: max keeps the earliest
+    best = max(table, key=lambda row: (row["score"], row["sqnr_db"]))  # ties: output SQNR, then the earliest
     return best["method"], table, scored_on
+
+
+def _metric_score(metric, outputs: list[dict], reference: list[dict], batches: list[dict]) -> float | None:
+    """The task metric over the scoring batches (sample-weighted), or None if it needs labels."""
+    sizes = [next(iter(b.values())).shape[0] if b and next(iter(b.values())).ndim else 1 for b in batches]
+    try:
+        return float(np.average([metric(o, r, None) for o, r in zip(outputs, reference)], weights=sizes))
+    except InputError:
+        return None
 
 
 def _scoring_batches(ctx: PassContext):
