@@ -176,6 +176,7 @@ def optimize(
                     "fallbacks": [vars(f) for f in fitted.fallbacks],
                     "sensitivity": {k: round(v, 4) for k, v in fitted.sensitivity.items()},
                     "evaluations": fitted.evaluations,
+                    "ranking": fitted.ranking,
                 }
                 if not fitted.met:
                     report.status = "accuracy_failed"

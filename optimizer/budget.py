@@ -62,6 +62,7 @@ class BudgetResult:
     sensitivity: dict[str, float] = field(default_factory=dict)
     met: bool = True
     evaluations: int = 0
+    ranking: str = ""
 
 
 def metric_of(report: AccuracyReport) -> tuple[str, float, float]:
@@ -116,10 +117,15 @@ def fit_budget(
     if record is None:
         result.met = False
         return result
-    order, noise = rank_layers(record.details)
     with tempfile.TemporaryDirectory(prefix="budget-") as scratch:
         tuned = _reuse_ranges(tunable, record.details, start_model, Path(scratch))
         evaluations = 0
+        order, noise, ranking = rank_layers(record.details), None, "local SQNR"
+        if ctx.verify_batches:
+            order, noise = rank_alone(start_model, tuned, tail[1:], record.details, ctx)
+            ranking = "output SQNR with only that layer quantized"
+        else:
+            order, noise = order
 
         def run_tail(excluded: list[str]):
             nonlocal evaluations
@@ -152,9 +158,31 @@ def fit_budget(
     result.met = result.drop <= budget
     result.evaluations = evaluations
     result.sensitivity = {n: round(v, 3) for n, v in noise.items()}
-    result.fallbacks = [Fallback(n, tunable.name, round(noise[n], 3), "highest quantization noise (local SQNR)")
+    result.ranking = ranking
+    result.fallbacks = [Fallback(n, tunable.name, round(noise[n], 3), f"noisiest by {ranking}")
                         for n in excluded] if result.met else []
     return result
+
+
+def rank_alone(start_model: onnx.ModelProto, tunable, rest: list, details: dict, ctx: PassContext):
+    """Quantized layers, most harmful first, by the output noise (dB below the signal, on the
+    verification samples) of the model with only that layer quantized: the error each layer adds
+    by itself, downstream amplification included. Costs one quantize + run per layer, no evaluation."""
+    from optimizer.metrics import compare_batches
+    from optimizer.runtime import OrtRunner, run_like
+
+    layers = list(details.get("layers", {}))
+    batches = ctx.verify_batches or []
+    reference = [run_like(start_model, start_model, OrtRunner(start_model), b) for b in batches]
+    noise = {}
+    for node in layers:
+        others = [n for n in layers if n != node]
+        run = PassManager([replace(tunable, exclude=list(tunable.exclude) + others), *rest], verify="off").run(start_model, ctx)
+        runner = OrtRunner(run.model)
+        outputs = [run_like(start_model, run.model, runner, b) for b in batches]
+        metrics = [m for m in compare_batches(reference, outputs) if m.sqnr_db is not None]
+        noise[node] = -float(sum(m.sqnr_db for m in metrics) / len(metrics)) if metrics else -100.0
+    return sorted(layers, key=lambda n: noise[n], reverse=True), noise
 
 
 def rank_layers(details: dict) -> tuple[list[str], dict[str, float]]:
