@@ -283,6 +283,8 @@ def pipeline_from_args(args: argparse.Namespace):
     names = {p.name for p in iter_passes(parse_pipeline(base))}
     extra = []
     if args.int8 and "quantize-int8" not in names:
+        if "upgrade-opset" not in names:  # per-channel INT8 weights need opset 13
+            extra.append("upgrade-opset(min=13)")
         extra.append(f"quantize-int8(method={args.calib_method})")
     if args.fp16 and "convert-fp16" not in names:
         extra.append("convert-fp16")

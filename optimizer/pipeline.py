@@ -32,8 +32,9 @@ PRESETS: dict[str, str] = {
     ),
 }
 PRESETS["fp16"] = PRESETS["default"] + ",convert-fp16"
-PRESETS["int8"] = PRESETS["default"] + ",quantize-int8"
-PRESETS["best"] = PRESETS["default"] + ",quantize-int8,convert-fp16"
+# upgrade-opset first: per-channel INT8 weights need opset 13 (a no-op on newer models)
+PRESETS["int8"] = PRESETS["default"] + ",upgrade-opset,quantize-int8"
+PRESETS["best"] = PRESETS["default"] + ",upgrade-opset,quantize-int8,convert-fp16"
 
 
 @dataclass

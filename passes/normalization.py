@@ -258,7 +258,7 @@ class FuseLayerNorm(Pass):
     requires_any_op = frozenset({"ReduceMean"})
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        opset = ctx.opset or graph.opset
+        opset = graph.opset or ctx.opset  # the graph's own: upgrade-opset may have raised it
         counts = _Counts()
         shapes = _Shapes(graph, ctx.input_shapes)
         for g in all_graphs(graph):
@@ -506,7 +506,7 @@ class FuseGelu(Pass):
     requires_any_op = frozenset({"Erf", "Tanh"})
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        opset = ctx.opset or graph.opset
+        opset = graph.opset or ctx.opset  # the graph's own: upgrade-opset may have raised it
         counts = _Counts()
         shapes = _Shapes(graph, ctx.input_shapes)
         for g in all_graphs(graph):

@@ -187,8 +187,9 @@ class QuantizeInt8(Pass):
     every candidate -- minmax, percentile at 99.9/99.99/99.999, entropy (TensorRT's
     EntropyCalibrator2), mse, and per-tensor best SQNR (``sqnr``) -- and each candidate model is
     scored by its agreement with the float model (mean output SQNR in dB) on the verification
-    samples (held out of the statistics when the calibration set is large enough, or ``--data``);
-    the best is kept and the table (method, score, time) is in the report's details. A fixed
+    samples (held out of the statistics when the calibration set is large enough, or ``--data``)
+    by the task metric when one is given, else by the argmax agreement of the first output (the
+    report's headline figure), ties broken by output SQNR; the best is kept and the table (method, score, time) is in the report's details. A fixed
     method (minmax, percentile, entropy, mse, sqnr) skips the selection.
 
     Options: ``method`` (auto, minmax, percentile, entropy, mse, sqnr), ``percentile`` (99.99, for
@@ -392,7 +393,7 @@ def select_method(graph: gs.Graph, float_model, qdq: dict[str, gs.Variable], can
     from optimizer.metrics import compare_batches
     from optimizer.runtime import OrtRunner
 
-    batches, scored_on = _scoring_batches(ctx)
+    batches, scored_on = _scoring_batches(ctx, float_model)
     reference = [OrtRunner(float_model).run(b) for b in batches]
     quantized = _graph_model(graph)
     scale_names = {name: _scale_constant(dq).name for name, dq in qdq.items()}
@@ -411,8 +412,13 @@ def select_method(graph: gs.Graph, float_model, qdq: dict[str, gs.Variable], can
         sqnr = float(np.mean([m.sqnr_db for m in metrics])) if metrics else 0.0
         score = _metric_score(ctx.metric, outputs, reference, batches) if ctx.metric is not None else None
         kind = "metric"
-        if score is None:  # no metric, or one that needs labels (the verification samples have none)
-            score, kind = sqnr, "sqnr_db"
+        if score is None:  # no metric, or one that needs labels (the verification samples have none):
+            # the report's headline agreement (argmax of the first output), ties broken by SQNR
+            first = metrics[0] if metrics else None
+            if first is not None and first.argmax_agreement is not None:
+                score, kind = 100.0 * first.argmax_agreement, "argmax_agreement"
+            else:
+                score, kind = sqnr, "sqnr_db"
         table.append({"method": label, "score": round(score, 3), "score_kind": kind, "sqnr_db": round(sqnr, 3),
                       "cosine": round(min((m.cosine for m in metrics), default=1.0), 6),
                       "time_s": round(time.perf_counter() - start, 4)})
@@ -429,27 +435,20 @@ def _metric_score(metric, outputs: list[dict], reference: list[dict], batches: l
         return None
 
 
-def _scoring_batches(ctx: PassContext):
-    """The verification batches (in the current model's layout), else a few calibration batches."""
-    from calibration.sources import AdaptedSource
+def _scoring_batches(ctx: PassContext, float_model):
+    """The verification batches (in the current model's layout), else the first calibration batch."""
+    from optimizer.runtime import input_specs
 
     if ctx.verify_batches:
         adapt = ctx.feed_adapter or (lambda feeds: feeds)
         batches = [adapt(b) for b in ctx.verify_batches]
         n = sum(next(iter(b.values())).shape[0] if b and next(iter(b.values())).ndim else 1 for b in batches)
         return batches, f"{n} verification sample(s)"
-    source = ctx.calibration
-    specs = ctx.original_inputs
-    if source is None or specs is None:
+    source = _source_for(float_model, ctx, ctx.calibration)
+    first = next(iter(source.batches(ctx.original_inputs or input_specs(float_model), 8)), None)
+    if first is None:
         raise InputError("method=auto needs samples to score candidates on; give --calib or --data")
-    if ctx.feed_adapter is not None:
-        source = AdaptedSource(source, specs, ctx.feed_adapter)
-    batches = []
-    for feeds in source.batches(specs, 8):
-        batches.append(feeds)
-        if len(batches) >= 1:
-            break
-    return batches, "the first calibration batch"
+    return [first], "the first calibration batch" + (" (synthetic)" if source.synthetic else "")
 
 
 def _scale_constant(dq_out: gs.Variable) -> gs.Constant:

@@ -78,7 +78,7 @@ def test_placement_follows_tensorrt_rules():
     assert by_output[add.input[0]].op_type == "Conv"  # conv side left for TensorRT's Conv+Add fusion
     assert all(by_output[o].op_type != "QuantizeLinear" for o in ("y",))  # outputs not quantized
     record = result.records[0]
-    assert record.stats["quantized_nodes"] == 4 and record.details["calibration"]["method"] == "entropy"
+    assert record.stats["quantized_nodes"] == 4 and record.details["calibration"]["method"] == "auto: " + record.details["method_selection"]["chosen"]
 
 
 def test_int8_model_agrees_with_float():
