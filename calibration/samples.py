@@ -28,6 +28,10 @@ from optimizer.runtime import InputSpec
 
 VERIFY_SAMPLES = 8
 EVAL_SAMPLES = 64
+#: Samples that score candidates in searches (``method=auto``): the first of the evaluation set,
+#: at most this many and at most ``SCORE_BYTES`` of inputs.
+SCORE_SAMPLES = 64
+SCORE_BYTES = 256 << 20
 HOLDOUT_MIN = 32
 SYNTHETIC_EVAL_SAMPLES = 8
 
@@ -106,6 +110,19 @@ class RunSamples:
     @property
     def verify_samples(self) -> int:
         return sum(_batch_len(b) for b in self.verify)
+
+    def score_batches(self, specs: list[InputSpec], batch_size: int) -> list[Feeds]:
+        """Batches for scoring search candidates: the first ``SCORE_SAMPLES`` evaluation samples
+        (within ``SCORE_BYTES``); the verification batches when the evaluation set is synthetic."""
+        if self.synthetic:
+            return list(self.verify)
+        batches, total = [], 0
+        for feeds in SliceSource(self.evaluation, 0, SCORE_SAMPLES).batches(specs, batch_size):
+            total += sum(v.nbytes for v in feeds.values())
+            if batches and total > SCORE_BYTES:
+                break
+            batches.append(feeds)
+        return batches
 
     def to_dict(self, calibrates: bool = True) -> dict:
         """JSON for the report; ``calibrates``: whether any pass read the calibration samples."""

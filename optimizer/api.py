@@ -107,6 +107,7 @@ def optimize(
         ctx.reference_inputs = samples.verify[0] if samples.verify else None
         ctx.calibration = samples.calibration
         if calibrates:
+            ctx.score_batches = samples.score_batches(specs, prepared.batch_size)
             input_warnings += [w for w in samples.warnings if w not in input_warnings]
     elif calibration is not None:
         from calibration.sources import open_source

@@ -64,7 +64,8 @@ class PassContext:
     ``input_shapes``: shapes a pass may bake into the model (only with ``--static-shapes``; empty
     otherwise, so dynamic dims stay dynamic).
     ``reference_inputs``: one batch of inputs for numeric checks a pass wants to run itself.
-    ``verify_batches``: the batches per-pass verification runs on (``calibration.samples``).
+    ``verify_batches``: the batches per-pass verification runs on (``calibration.samples``);
+    ``score_batches``: more of the same samples, for scoring search candidates.
     ``calibration``: a calibration data source (quantization passes).
     ``progress``: ``progress(description, total)`` returns a callable ``advance(n=1)``.
     """
@@ -72,6 +73,8 @@ class PassContext:
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     reference_inputs: dict[str, np.ndarray] | None = None
     verify_batches: list[dict[str, np.ndarray]] | None = None
+    #: Batches that score candidates in searches (``method=auto``): held-out or ``--data`` samples.
+    score_batches: list[dict[str, np.ndarray]] | None = None
     calibration: Any = None
     precision: str = "fp32"
     progress: Callable[[str, int | None], Callable[..., None]] | None = None

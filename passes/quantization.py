@@ -436,14 +436,15 @@ def _metric_score(metric, outputs: list[dict], reference: list[dict], batches: l
 
 
 def _scoring_batches(ctx: PassContext, float_model):
-    """The verification batches (in the current model's layout), else the first calibration batch."""
+    """The scoring (else verification) batches in the current model's layout, else the first
+    calibration batch."""
     from optimizer.runtime import input_specs
 
-    if ctx.verify_batches:
+    if ctx.score_batches or ctx.verify_batches:
         adapt = ctx.feed_adapter or (lambda feeds: feeds)
-        batches = [adapt(b) for b in ctx.verify_batches]
+        batches = [adapt(b) for b in (ctx.score_batches or ctx.verify_batches)]
         n = sum(next(iter(b.values())).shape[0] if b and next(iter(b.values())).ndim else 1 for b in batches)
-        return batches, f"{n} verification sample(s)"
+        return batches, f"{n} evaluation sample(s)" if ctx.score_batches else f"{n} verification sample(s)"
     source = _source_for(float_model, ctx, ctx.calibration)
     first = next(iter(source.batches(ctx.original_inputs or input_specs(float_model), 8)), None)
     if first is None:

@@ -55,7 +55,7 @@ def test_auto_reports_every_candidate_and_keeps_the_best(tmp_path, capsys):
     best = max(table, key=lambda row: (row["score"], row["sqnr_db"]))
     assert selection["chosen"] == best["method"]
     assert all(info["method"] == best["method"] for info in record["details"]["tensors"].values())
-    assert "held out" in report["samples"]["note"] and "verification" in selection["scored_on"]
+    assert "held out" in report["samples"]["note"] and "evaluation sample" in selection["scored_on"]
     # the selection reuses one statistics pass: the calibration saw every non-held-out sample once
     assert record["details"]["calibration"]["samples"] == report["samples"]["calibration"]["samples"]
 
