@@ -344,3 +344,146 @@ def _batch_len(feeds: dict[str, np.ndarray]) -> int:
         if value.ndim:
             return int(value.shape[0])
     return 1
+
+
+# ---------------------------------------------------------------------------------------------
+# per-channel means (bias correction)
+
+
+@dataclass
+class ChannelMeans:
+    """Per-channel means of tensors over calibration data (``collect_channel_means``).
+
+    ``means``: ``{tensor name: float64 array [channels]}``, the mean over every axis but the
+    channel axis, over all samples; ``samples``/``batches``: how much data went through;
+    ``counts``: ``{tensor name: finite values per channel}``; ``skipped``: ``{tensor name: reason}``;
+    ``source``/``synthetic``: as in ``CalibrationStatistics``.
+    """
+
+    means: dict[str, np.ndarray] = field(default_factory=dict)
+    samples: int = 0
+    batches: int = 0
+    counts: dict[str, np.ndarray] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    source: str = ""
+    synthetic: bool = False
+
+
+class _ChannelSum:
+    """Running float64 per-channel sums and finite-value counts of one tensor."""
+
+    def __init__(self, name: str, axis: int):
+        self.name = name
+        self.axis = axis
+        self.sums: np.ndarray | None = None
+        self.counts: np.ndarray | None = None
+        self.nonfinite = 0
+
+    def update(self, values: np.ndarray) -> str | None:
+        """Fold one batch in; returns a reason when the tensor cannot be reduced on its axis."""
+        x = np.asarray(values)
+        if x.ndim == 0:
+            return "a scalar has no channel axis"
+        axis = self.axis + x.ndim if self.axis < 0 else self.axis
+        if not 0 <= axis < x.ndim:
+            return f"channel axis {self.axis} out of range for a rank-{x.ndim} tensor"
+        channels = x.shape[axis]
+        if self.sums is not None and channels != self.sums.size:
+            return f"channel count changed between batches ({self.sums.size} -> {channels})"
+        others = tuple(i for i in range(x.ndim) if i != axis)
+        per_channel = x.size // channels if channels else 0
+        finite = np.isfinite(x)
+        if finite.all():
+            # dtype=float64 sums in float64 without a float64 copy of the batch
+            sums = np.sum(x, axis=others, dtype=np.float64)
+            counts = np.full(channels, per_channel, dtype=np.int64)
+        else:
+            if not self.nonfinite:
+                log.warning("tensor '%s' has NaN/inf values; they are left out of its channel means", self.name)
+            self.nonfinite += int(x.size - np.count_nonzero(finite))
+            sums = np.sum(np.where(finite, x, 0), axis=others, dtype=np.float64)
+            counts = np.count_nonzero(finite, axis=others).astype(np.int64)
+        if self.sums is None:
+            self.sums, self.counts = sums, counts
+        else:
+            self.sums += sums
+            self.counts += counts
+        return None
+
+    def mean(self) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.counts > 0, self.sums / np.maximum(self.counts, 1), np.nan)
+
+
+def collect_channel_means(
+    model: onnx.ModelProto,
+    tensors: dict[str, int],
+    source,
+    batch_size: int = 16,
+    max_samples: int | None = None,
+    progress: Progress | None = None,
+) -> ChannelMeans:
+    """Per-channel means of ``tensors`` (``{name: channel axis}``) over ``source``, in one run.
+
+    The axis is 1 for Conv inputs (NCHW) and -1 (the last) for MatMul/Gemm inputs; negative axes
+    count from the end. ``model`` runs in ONNX Runtime batch by batch with the tensors fetched as
+    extra outputs (``augment_model``); graph inputs are read from the feeds. Each tensor keeps
+    float64 sums and counts per channel, so memory does not depend on the number of samples and
+    the means do not depend on the batch size (up to float64 rounding). NaN/inf values are left
+    out (``counts`` says how many values each channel's mean has). Initializers, subgraph tensors,
+    non-float tensors, and tensors whose rank or channel count does not fit ``axis`` are skipped
+    with a reason in ``skipped``. ``source`` is anything ``collect_statistics`` accepts.
+    """
+    specs = input_specs(model)
+    source = open_source(source, specs) if not isinstance(source, CalibrationSource) else source
+    plan = plan_tensors(model, tensors)
+    result = ChannelMeans(skipped=dict(plan.skipped), source=source.description, synthetic=bool(source.synthetic))
+    for name, reason in plan.skipped.items():
+        log.info("channel means skip tensor '%s': %s", name, reason)
+    names = plan.from_feeds + plan.fetch
+    sums = {name: _ChannelSum(name, int(tensors[name])) for name in names}
+
+    runner = None
+    if plan.fetch:
+        runner = OrtRunner(augment_model(model, plan.fetch, plan.types))
+        runner.output_names = list(plan.fetch)
+
+    size = effective_batch_size(specs, batch_size)
+    total = source.num_samples
+    if is_fixed_batch(specs):
+        total -= total % size
+    if max_samples is not None:
+        total = min(total, max_samples)
+    advance = progress("channel means", total) if progress is not None else (lambda n=1: None)
+
+    for feeds in source.batches(specs, batch_size):
+        n = _batch_len(feeds)
+        if max_samples is not None and result.samples + n > max_samples:
+            keep = max_samples - result.samples
+            if keep <= 0 or is_fixed_batch(specs):
+                break
+            feeds = {k: v[:keep] for k, v in feeds.items()}
+            n = keep
+        outputs = runner.run(feeds) if runner is not None else {}
+        for name in list(sums):
+            value = feeds[name] if name in plan.from_feeds else outputs.pop(name)
+            reason = f"not a floating-point tensor ({value.dtype})" if value.dtype.kind != "f" else sums[name].update(value)
+            if reason is not None:
+                result.skipped[name] = reason
+                del sums[name]
+            del value
+        del outputs, feeds
+        result.samples += n
+        result.batches += 1
+        advance(n)
+    if result.samples == 0:
+        raise InputError(f"{source.description}: no calibration samples")
+    for name in (n for n in dict.fromkeys(tensors) if n in sums):  # in the order asked for
+        acc = sums[name]
+        if acc.sums is None:
+            result.skipped[name] = "no values"
+            continue
+        result.means[name] = acc.mean()
+        result.counts[name] = acc.counts
+    log.info("collected channel means for %d tensor(s) over %d sample(s) from %s", len(result.means), result.samples, result.source)
+    return result

@@ -108,6 +108,7 @@ class VerifyHook(Hook):
             batches = ctx.verify_batches or ([ctx.reference_inputs] if ctx.reference_inputs is not None else [])
             if not batches:
                 batches = [_runnable_synthetic(model, ctx, self.warnings)]
+                ctx.verify_batches = batches  # passes that run the model themselves use runnable inputs
             self.original = model
             runner = OrtRunner(model)
             self.reference = [runner.run(b) for b in batches]

@@ -325,8 +325,23 @@ def check_model(
             result.errors += parse_errors or ([] if result.parsed else logged)
             result.errors += [e for e in support_errors if e not in result.errors]
             if result.parsed and build:
+                errors_before = list(result.errors)
                 _build(trt, session, result, cc_value, profiles, workspace_mb, save_engine)
-    result.warnings = list(dict.fromkeys(logger.warnings))
+                fixed = {n: (p[1], p[1], p[1]) for n, p in profiles.items()}
+                if not result.built and fixed != profiles:
+                    # Some layers (recurrent ones in FP16, seen with TensorRT-RTX) fail to build for a
+                    # range of shapes and build for one: retry at the opt shapes, and say so.
+                    failed = result.errors[len(errors_before):]
+                    result.errors = errors_before
+                    _build(trt, session, result, cc_value, fixed, workspace_mb, save_engine)
+                    if result.built:
+                        result.warnings.append(
+                            "the engine was built for fixed shapes (the opt shapes): the dynamic profile failed: "
+                            + " ".join(" ".join(failed).split())[:300]
+                        )
+                    else:
+                        result.errors = errors_before + failed + result.errors[len(errors_before):]
+    result.warnings = list(dict.fromkeys(result.warnings + logger.warnings))
     return result
 
 

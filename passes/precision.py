@@ -40,6 +40,9 @@ DEFAULT_KEEP_FP32 = (
     "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp", "ReduceProd",
     "LayerNormalization", "BatchNormalization", "InstanceNormalization", "GroupNormalization",
     "LpNormalization", "Pow", "Exp", "Log", "CumSum",
+    # Recurrent layers: their state accumulates rounding over every step, and TensorRT-RTX fails to
+    # build FP16 LSTM/GRU for sequences longer than 1 (Myelin reshape error; FP32 builds).
+    "LSTM", "GRU", "RNN",
 )
 
 
@@ -99,6 +102,7 @@ class ConvertFp16(Pass):
         keep = set(self.keep_ops)
         reasons: dict[str, int] = {}
         int8_region = _int8_region(graph)
+        feeds_recurrent = _recurrent_feeders(graph)
 
         def reason_fp32(node: gs.Node) -> str:
             if node.op in keep:
@@ -116,6 +120,8 @@ class ConvertFp16(Pass):
             for t in node.outputs:
                 if amax.get(t.name, 0.0) > self.max_activation:
                     return "activation_out_of_range"
+            if id(node) in feeds_recurrent:
+                return "feeds_recurrent"
             return ""
 
         fp16_nodes: set[int] = set()
@@ -172,6 +178,27 @@ class ConvertFp16(Pass):
         }
         details = {"fp32_reasons": reasons, "max_activation": self.max_activation}
         return PassResult(True, stats=stats, details=details)
+
+
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+#: Ops that only move or look up data, and cheap unary activations; kept in FP32 when they only
+#: feed recurrent layers, so the Cast to FP32 sits after a compute op (Conv, Gemm ...).
+DATA_MOVEMENT_OPS = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Gather",
+                     "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "Elu")
+
+
+def _recurrent_feeders(graph: gs.Graph) -> set[int]:
+    """Data-movement nodes (an embedding Gather, the batch-first Transpose, the activation before
+    them) whose outputs only reach recurrent layers through other such nodes. Converting them gains
+    little (a Cast back follows), and TensorRT-RTX fails to build a Cast that reaches an LSTM/GRU
+    through data movement only (Gather/Relu -> Cast -> Transpose -> GRU: Myelin reshape error)."""
+    marked: set[int] = set()
+    for node in reversed(graph.nodes):  # graph.nodes is topologically sorted: readers come later
+        readers = [r for t in node.outputs for r in t.outputs]
+        data = [r for r in readers if r.op not in ("Shape", "Size")]  # Shape/Size are dtype-blind
+        if node.op in DATA_MOVEMENT_OPS and readers and all(r.op in RECURRENT_OPS or id(r) in marked for r in data):
+            marked.add(id(node))
+    return marked
 
 
 def _int8_region(graph: gs.Graph) -> set[int]:

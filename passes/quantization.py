@@ -473,8 +473,8 @@ def observe_amax(graph: gs.Graph, tensors: list[str], ctx: PassContext) -> dict[
 
     model = _graph_model(graph)
     data = ctx.calibration
-    if data is None and ctx.reference_inputs is not None:
-        data = dict(ctx.reference_inputs)
+    if data is None and (ctx.verify_batches or ctx.reference_inputs is not None):
+        data = dict(ctx.verify_batches[0] if ctx.verify_batches else ctx.reference_inputs)
     source = _source_for(model, ctx, data)
     # Without real data this is a smoke check on a few synthetic samples; keep it cheap.
     limit = None if ctx.calibration is not None else 4
