@@ -28,6 +28,8 @@ from passes.match import producer
 log = logging.getLogger(__name__)
 
 INT8_MAX = 127
+#: Calibration samples the bias correction's per-channel means are taken over (means converge fast).
+BIAS_SAMPLES = 128
 
 
 @dataclass
@@ -214,8 +216,11 @@ class QuantizeInt8(Pass):
     pooling: bool = False
     exclude: list[str] = field(default_factory=list)
     range_cache: str = ""
+    bias_correction: str = "auto"
 
     def __post_init__(self):
+        if self.bias_correction not in ("auto", "on", "off"):
+            raise ValueError(f"bias_correction must be auto, on or off; got {self.bias_correction!r}")
         if self.method not in METHOD_CHOICES:
             raise ValueError(f"method must be one of {', '.join(METHOD_CHOICES)}; got {self.method!r}")
 
@@ -238,7 +243,10 @@ class QuantizeInt8(Pass):
         if not sites:
             return PassResult(False, stats={f"skipped_{k}": v for k, v in skipped.items()})
         activations = sorted({s.node.inputs[s.index].name for s in sites if s.kind == "activation"})
-        float_model = _graph_model(graph) if self.method == "auto" else None
+        float_model = _graph_model(graph) if (self.method == "auto" or self.bias_correction == "auto") else None
+        from passes.bias_correction import correction_targets  # it imports quantize_weight from here
+
+        targets = correction_targets([s for s in sites if s.kind == "weight"]) if self.bias_correction != "off" else []
         candidates, calib_info = calibrate(graph, activations, ctx, self.method, self.percentile, self.range_cache)
         ranges = next(iter(candidates.values()))
         details: dict = {"calibration": calib_info, "tensors": {}, "weights": {}, "nodes": [], "layers": {}}
@@ -277,6 +285,8 @@ class QuantizeInt8(Pass):
                 _set_scale(qdq[name], ranges[name]["scale"])
             details["method_selection"] = {"chosen": chosen, "candidates": table, "scored_on": scored_on}
             calib_info["method"] = f"auto: {chosen}"
+        if targets and not calib_info.get("synthetic"):
+            details["bias_correction"] = self._correct_biases(graph, targets, float_model, ctx, skipped)
         stats = {
             "quantized_nodes": len(quantized_nodes),
             "quantized_activations": len(qdq),
@@ -284,6 +294,61 @@ class QuantizeInt8(Pass):
             **{f"skipped_{k}": v for k, v in sorted(skipped.items())},
         }
         return PassResult(changed=bool(quantized_nodes), stats=stats, details=details)
+
+
+    def _correct_biases(self, graph: gs.Graph, targets, float_model, ctx: PassContext, skipped: dict) -> dict:
+        """Fold the mean shift weight quantization causes into the biases (``passes.bias_correction``);
+        with ``bias_correction=auto`` keep it only if it scores better on the scoring samples."""
+        from calibration.collect import collect_channel_means
+        from passes.bias_correction import apply_bias_correction, corrections_for, mean_tensors
+
+        axes = mean_tensors(targets)
+        model = float_model if float_model is not None else _graph_model(graph)
+        source = _source_for(model, ctx, ctx.calibration)
+        means = collect_channel_means(model, axes, source, max_samples=BIAS_SAMPLES).means
+        corrections = corrections_for(targets, means, skipped, axes)
+        if not corrections:
+            return {"applied": 0, "kept": False}
+        saved = [(node, list(node.inputs)) for node in graph.nodes]
+        before = score_model(_graph_model(graph), float_model, ctx) if self.bias_correction == "auto" else None
+        applied = apply_bias_correction(graph, corrections, skipped)
+        info = {"applied": applied, "kept": True, "mode": self.bias_correction}
+        if before is not None and applied:
+            after = score_model(_graph_model(graph), float_model, ctx)
+            info.update(score_off=round(before[0], 3), score_on=round(after[0], 3),
+                        sqnr_off=round(before[1], 3), sqnr_on=round(after[1], 3))
+            if after <= before:  # no measurable gain: undo
+                for node, inputs in saved:
+                    node.inputs = inputs
+                info["kept"] = False
+        return info
+
+
+def score_model(model, float_model, ctx: PassContext) -> tuple[float, float]:
+    """``(score, output SQNR in dB)`` of ``model`` against ``float_model`` on the scoring samples:
+    the task metric when given, else the argmax agreement of the first output (else the SQNR)."""
+    from optimizer.metrics import compare_batches
+    from optimizer.runtime import OrtRunner
+
+    batches, _ = _scoring_batches(ctx, float_model)
+    reference = [OrtRunner(float_model).run(b) for b in batches]
+    runner = OrtRunner(model)
+    outputs = [runner.run(b) for b in batches]
+    return _score(compare_batches(reference, outputs), outputs, reference, batches, ctx)[:2]
+
+
+def _score(metrics, outputs, reference, batches, ctx: PassContext) -> tuple[float, float, str]:
+    metrics = [m for m in metrics if m.cosine is not None]
+    sqnr = float(np.mean([m.sqnr_db for m in metrics])) if metrics else 0.0
+    score = _metric_score(ctx.metric, outputs, reference, batches) if ctx.metric is not None else None
+    if score is not None:
+        return score, sqnr, "metric"
+    # no metric, or one that needs labels (the scoring samples have none): the report's headline
+    # agreement (argmax of the first output), ties broken by SQNR
+    first = metrics[0] if metrics else None
+    if first is not None and first.argmax_agreement is not None:
+        return 100.0 * first.argmax_agreement, sqnr, "argmax_agreement"
+    return sqnr, sqnr, "sqnr_db"
 
 
 def _insert_qdq(graph: gs.Graph, tensor: gs.Tensor, scale: float) -> gs.Variable:
@@ -409,16 +474,7 @@ def select_method(graph: gs.Graph, float_model, qdq: dict[str, gs.Variable], can
         runner = OrtRunner(model)
         outputs = [runner.run(b) for b in batches]
         metrics = [m for m in compare_batches(reference, outputs) if m.cosine is not None]
-        sqnr = float(np.mean([m.sqnr_db for m in metrics])) if metrics else 0.0
-        score = _metric_score(ctx.metric, outputs, reference, batches) if ctx.metric is not None else None
-        kind = "metric"
-        if score is None:  # no metric, or one that needs labels (the verification samples have none):
-            # the report's headline agreement (argmax of the first output), ties broken by SQNR
-            first = metrics[0] if metrics else None
-            if first is not None and first.argmax_agreement is not None:
-                score, kind = 100.0 * first.argmax_agreement, "argmax_agreement"
-            else:
-                score, kind = sqnr, "sqnr_db"
+        score, sqnr, kind = _score(metrics, outputs, reference, batches, ctx)
         table.append({"method": label, "score": round(score, 3), "score_kind": kind, "sqnr_db": round(sqnr, 3),
                       "cosine": round(min((m.cosine for m in metrics), default=1.0), 6),
                       "time_s": round(time.perf_counter() - start, 4)})

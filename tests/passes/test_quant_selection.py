@@ -87,3 +87,26 @@ def test_budget_with_spread_loss_keeps_most_layers_int8():
     assert budget["evaluations"] <= 2 + math.ceil(math.log2(layers)), budget["evaluations"]
     assert result.report.optimized.model_bytes < plain.report.original.model_bytes
     assert np.isfinite(budget["drop"])
+
+
+@pytest.mark.parametrize("mode", ["auto", "on", "off"])
+def test_bias_correction_modes(mode):
+    folder = SAMPLES / "digits_cnn"
+    result = optimize(folder / "model.onnx", f"default,quantize-int8(bias_correction={mode})",
+                      data=folder / "eval.npz", calibration=folder / "calib.npz")
+    details = _quantization(result.report).details
+    info = details.get("bias_correction")
+    if mode == "off":
+        assert info is None
+        return
+    assert info["applied"] > 0
+    if mode == "on":
+        assert info["kept"]
+    else:  # kept only when it scores better (metric first, then output SQNR)
+        assert info["kept"] == ((info["score_on"], info["sqnr_on"]) > (info["score_off"], info["sqnr_off"]))
+
+
+def test_bias_correction_is_skipped_on_synthetic_calibration():
+    folder = SAMPLES / "digits_cnn"
+    result = optimize(folder / "model.onnx", "default,quantize-int8")
+    assert "bias_correction" not in _quantization(result.report).details
