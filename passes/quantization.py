@@ -309,7 +309,10 @@ class QuantizeInt8(Pass):
         corrections = corrections_for(targets, means, skipped, axes)
         if not corrections:
             return {"applied": 0, "kept": False}
+        # apply_bias_correction may swap a node's bias for a new Constant or give a Constant only
+        # that node reads a new array: keep both, to undo exactly
         saved = [(node, list(node.inputs)) for node in graph.nodes]
+        saved_values = [(t, t.values) for _, inputs in saved for t in inputs if isinstance(t, gs.Constant)]
         before = score_model(_graph_model(graph), float_model, ctx) if self.bias_correction == "auto" else None
         applied = apply_bias_correction(graph, corrections, skipped)
         info = {"applied": applied, "kept": True, "mode": self.bias_correction}
@@ -320,6 +323,8 @@ class QuantizeInt8(Pass):
             if after <= before:  # no measurable gain: undo
                 for node, inputs in saved:
                     node.inputs = inputs
+                for constant, values in saved_values:
+                    constant.values = values
                 info["kept"] = False
         return info
 
