@@ -165,8 +165,8 @@ def fit_budget(
 
 
 def rank_alone(start_model: onnx.ModelProto, tunable, rest: list, details: dict, ctx: PassContext):
-    """Quantized layers, most harmful first, by the output noise (dB below the signal, on the
-    verification samples) of the model with only that layer quantized: the error each layer adds
+    """Quantized layers, most harmful first, by the output noise (dB below the signal, balanced over
+    the slices of axis 1, on the verification samples) of the model with only that layer quantized: the error each layer adds
     by itself, downstream amplification included. Costs one quantize + run per layer, no evaluation."""
     from optimizer.metrics import compare_batches
     from optimizer.runtime import OrtRunner, run_like
@@ -181,7 +181,8 @@ def rank_alone(start_model: onnx.ModelProto, tunable, rest: list, details: dict,
         runner = OrtRunner(run.model)
         outputs = [run_like(start_model, run.model, runner, b) for b in batches]
         metrics = [m for m in compare_batches(reference, outputs) if m.sqnr_db is not None]
-        noise[node] = -float(sum(m.sqnr_db for m in metrics) / len(metrics)) if metrics else -100.0
+        balanced = [m.balanced_sqnr_db if m.balanced_sqnr_db is not None else m.sqnr_db for m in metrics]
+        noise[node] = -float(sum(balanced) / len(balanced)) if balanced else -100.0
     return sorted(layers, key=lambda n: noise[n], reverse=True), noise
 
 

@@ -27,6 +27,9 @@ class OutputMetrics:
     mismatch: float  # fraction of elements that differ (integer/bool outputs) or are non-finite only on one side
     elements: int
     sqnr_db: float | None = None  # 10 log10(sum ref^2 / sum (ref - new)^2), capped at 100 dB; None for non-float
+    #: The mean of the SQNRs of the slices along axis 1 (each capped at 100 dB): scale-balanced, so
+    #: a detector's class scores (0..1) count as much as its box coordinates (0..640).
+    balanced_sqnr_db: float | None = None
 
     @property
     def max_rel(self) -> float:
@@ -83,6 +86,8 @@ class OutputAccumulator:
         self.sum_abs = 0.0
         self.max_ref = 0.0
         self.dot = self.ref_sq = self.new_sq = self.err_sq = 0.0
+        self.slice_ref_sq: np.ndarray | None = None  # per index of axis 1
+        self.slice_err_sq: np.ndarray | None = None
         self.rows = self.rows_agree = 0
         self.mismatched = 0
         self.elements = 0
@@ -114,6 +119,13 @@ class OutputAccumulator:
             self.ref_sq += float(np.dot(r[finite], r[finite]))
             self.new_sq += float(np.dot(n[finite], n[finite]))
             self.err_sq += float(np.dot(diff, diff))
+        if ref.ndim >= 2 and np.all(finite):
+            r1 = np.moveaxis(ref.astype(np.float64), 1, 0).reshape(ref.shape[1], -1)
+            e1 = r1 - np.moveaxis(new.astype(np.float64), 1, 0).reshape(ref.shape[1], -1)
+            if self.slice_ref_sq is None or self.slice_ref_sq.shape[0] != r1.shape[0]:
+                self.slice_ref_sq, self.slice_err_sq = np.zeros(r1.shape[0]), np.zeros(r1.shape[0])
+            self.slice_ref_sq += np.einsum("ij,ij->i", r1, r1)
+            self.slice_err_sq += np.einsum("ij,ij->i", e1, e1)
         if ref.ndim >= 2 and ref.shape[-1] > 1:
             ra = np.argmax(ref.reshape(-1, ref.shape[-1]), axis=-1)
             na = np.argmax(new.reshape(-1, new.shape[-1]), axis=-1)
@@ -132,9 +144,17 @@ class OutputAccumulator:
         mean_abs = self.sum_abs / self.elements if self.elements else 0.0
         agreement = self.rows_agree / self.rows if self.rows else None
         mismatch = self.mismatched / self.elements if self.elements else 0.0
-        sqnr = 100.0 if self.err_sq <= 0 else float(min(100.0, 10 * np.log10(max(self.ref_sq, 1e-300) / self.err_sq)))
+        sqnr = _sqnr(self.ref_sq, self.err_sq)
+        balanced = None
+        if self.slice_ref_sq is not None:
+            balanced = float(np.mean([_sqnr(r, e) for r, e in zip(self.slice_ref_sq, self.slice_err_sq)]))
         return OutputMetrics(self.name, self.max_abs, mean_abs, self.max_ref, cosine, agreement, mismatch, self.elements,
-                             sqnr)
+                             sqnr, balanced)
+
+
+def _sqnr(signal: float, noise: float) -> float:
+    """10 log10(signal / noise) in dB, capped at 100 dB (also for no noise)."""
+    return 100.0 if noise <= 0 else float(min(100.0, 10 * np.log10(max(signal, 1e-300) / noise)))
 
 
 def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> list[OutputMetrics]:

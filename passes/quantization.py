@@ -344,7 +344,7 @@ def score_model(model, float_model, ctx: PassContext) -> tuple[float, float]:
 
 def _score(metrics, outputs, reference, batches, ctx: PassContext) -> tuple[float, float, str]:
     metrics = [m for m in metrics if m.cosine is not None]
-    sqnr = float(np.mean([m.sqnr_db for m in metrics])) if metrics else 0.0
+    sqnr = float(np.mean([_balanced(m) for m in metrics])) if metrics else 0.0
     score = _metric_score(ctx.metric, outputs, reference, batches) if ctx.metric is not None else None
     if score is not None:
         return score, sqnr, "metric"
@@ -354,6 +354,11 @@ def _score(metrics, outputs, reference, batches, ctx: PassContext) -> tuple[floa
     if first is not None and first.argmax_agreement is not None:
         return 100.0 * first.argmax_agreement, sqnr, "argmax_agreement"
     return sqnr, sqnr, "sqnr_db"
+
+
+def _balanced(m) -> float:
+    """The output's scale-balanced SQNR (per slice of axis 1), else its plain SQNR."""
+    return m.balanced_sqnr_db if m.balanced_sqnr_db is not None else m.sqnr_db
 
 
 def _insert_qdq(graph: gs.Graph, tensor: gs.Tensor, scale: float) -> gs.Variable:
