@@ -11,7 +11,8 @@ drop exceeds ``D``:
    the first run: no evaluation needed), and a bisection finds the smallest number ``k`` of the
    noisiest layers whose return to float meets the budget -- ``1 + log2(n)`` evaluations instead
    of one per layer, and it works when the loss is spread over many layers (where returning any
-   single layer helps nothing). Calibration runs once: every candidate reuses the first run's
+   single layer helps nothing); then up to ``REFINE_TRIALS`` of the least harmful fallbacks are
+   tried back in INT8, one at a time, each kept if the budget still holds. Calibration runs once: every candidate reuses the first run's
    ranges through a range cache in a temporary folder.
 3. pruning: per-group sensitivity (the tail re-run with only that group pruned), then groups are
    pruned least sensitive first while the drop still fits.
@@ -37,6 +38,9 @@ from optimizer.pass_base import PassContext
 from optimizer.pipeline import FixedPoint, Step
 
 log = logging.getLogger(__name__)
+
+#: Evaluations the budget may spend after the bisection returning single fallbacks to INT8.
+REFINE_TRIALS = 8
 
 TUNABLE = ("quantize-int8", "prune-channels")
 
@@ -148,7 +152,16 @@ def fit_budget(
                     hi, best = mid, candidate
                 else:
                     lo = mid
-        excluded = order[:hi]
+            # Refine: the ranking is an estimate, so try returning the least harmful fallbacks to
+            # INT8 one by one (at most REFINE_TRIALS evaluations), keeping each that still fits.
+            excluded = order[:hi]
+            for node in list(reversed(excluded))[:REFINE_TRIALS] if len(excluded) > 1 else []:
+                trial = [n for n in excluded if n != node]
+                candidate = run_tail(trial)
+                if base - candidate[2] <= budget:
+                    excluded, best = trial, candidate
+        else:
+            excluded = order
     run, acc, m = best
     check_structure(run.model)
     result.model = run.model

@@ -76,3 +76,47 @@ def test_budget_uses_the_metric(tmp_path):
     assert budget["metric"] == "metric argmax-agreement"
     assert budget["met"] == (budget["drop"] <= 0.0)
     assert result.report.accuracy.metric.drop == pytest.approx(budget["drop"], abs=1e-9)
+
+
+def _examples():
+    import importlib.util
+
+    from helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("example_metrics", ROOT / "examples" / "metrics.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_metrics_on_zoo_outputs():
+    from helpers import run
+
+    import onnx
+
+    examples = _examples()
+    zoo = SAMPLES / "zoo"
+    for name, metric in (("yolo_dynamic", examples.detection_f1), ("paddle_ocr_rec", examples.ctc_char_accuracy)):
+        model = onnx.load(str(zoo / f"{name}.onnx"))
+        with np.load(zoo / f"{name}.npz") as npz:
+            feeds = {k: npz[k][:1] for k in npz.files}
+        ref = run(model, feeds)
+        assert metric(ref, ref, None) == 100.0, name
+        key = next(iter(ref))
+        noisy = {key: np.roll(ref[key], 1, axis=-1)}  # boxes move to other anchors / characters change
+        assert 0.0 <= metric(noisy, ref, None) < 100.0, name
+
+
+def test_readme_user_metric_snippet_runs(tmp_path):
+    import re
+
+    from helpers import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    snippet = next(b for b in re.findall(r"```text\n(.*?)```", text, flags=re.S) if "def top1_vs_fp32" in b)
+    path = tmp_path / "my_metric.py"
+    path.write_text(snippet)
+    _, function = load_metric(f"{path}:top1_vs_fp32")
+    ref = {"y": np.eye(4, dtype=np.float32)}
+    assert function(ref, ref, None) == 100.0
+    assert function({"y": np.eye(4, dtype=np.float32)[::-1]}, ref, None) == 0.0
