@@ -103,7 +103,7 @@ def test_example_metrics_on_zoo_outputs():
         ref = run(model, feeds)
         assert metric(ref, ref, None) == 100.0, name
         key = next(iter(ref))
-        noisy = {key: np.roll(ref[key], 1, axis=-1)}  # boxes move to other anchors / characters change
+        noisy = {key: np.roll(ref[key], 1, axis=1)}  # box coordinates mix with scores / the text rotates
         assert 0.0 <= metric(noisy, ref, None) < 100.0, name
 
 
