@@ -2,7 +2,7 @@
 """Benchmark ``layout-nchw``: Transpose count and ONNX Runtime CPU latency before and after.
 
 For the channel-last sample model and the channel-last graphs written in
-``tests/passes/test_layout.py`` (plus a larger residual network built by the same code), runs
+``tests/channel_last_models.py`` (plus a larger residual network built by the same code), runs
 
     fixpoint(cleanup,fold-constants,layout-nchw[(io=nchw)],fuse-conv-bn,fuse-affine,
              fuse-matmul-add,fuse-gemm-transpose,fuse-pad)
@@ -41,9 +41,9 @@ PIPELINE = (
 
 
 def _test_models():
-    """The model builders of tests/passes/test_layout.py (the test module is the single source)."""
-    sys.path.insert(0, str(TESTS))  # the test module imports its `helpers` like pytest does
-    spec = importlib.util.spec_from_file_location("test_layout", TESTS / "passes" / "test_layout.py")
+    """The model builders of tests/channel_last_models.py (the tests' single source)."""
+    sys.path.insert(0, str(TESTS))  # the module imports its `helpers` like pytest does
+    spec = importlib.util.spec_from_file_location("channel_last_models", TESTS / "channel_last_models.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     models = dict(module.CHANNEL_LAST_MODELS)
@@ -107,7 +107,8 @@ def _max_rel(ref: dict, got: dict) -> float:
 
 
 def bench(args) -> str:
-    from passes.layout import LAYOUT_INPUTS_KEY, LAYOUT_OUTPUTS_KEY, invert
+    from optimizer.io_layout import LAYOUT_INPUTS_KEY, LAYOUT_OUTPUTS_KEY
+    from passes.layout.perms import invert
 
     rows = []
     for name, build in _test_models().items():

@@ -41,6 +41,13 @@ def ctc_char_accuracy(outputs, reference, labels) -> float:
     return float(np.mean(scores))
 
 
+def ctc_char_accuracy_time_major(outputs, reference, labels) -> float:
+    """:func:`ctc_char_accuracy` for a time-major recognizer output [time, batch, classes] (a CRNN
+    exported from ``nn.LSTM`` without ``batch_first``): the batch is on axis 1."""
+    name = next(iter(reference))
+    return ctc_char_accuracy({name: np.swapaxes(outputs[name], 0, 1)}, {name: np.swapaxes(reference[name], 0, 1)}, labels)
+
+
 def _detections(pred: np.ndarray, threshold: float, iou: float, max_det: int = 300) -> list[tuple[np.ndarray, np.ndarray]]:
     """YOLOv8-style [batch, 4 + classes, anchors] (cx, cy, w, h, class scores) -> per image
     (boxes [k, 4] as x1 y1 x2 y2, classes [k]) after a score threshold, the ``max_det`` most

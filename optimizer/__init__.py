@@ -3,6 +3,7 @@
 Python API (names load lazily, so ``import optimizer`` stays cheap and cycle-free)::
 
     from optimizer import optimize, PassManager, Pass, PassResult, register_pass, load_model, save_model
+    from optimizer import from_torch  # PyTorch module -> ONNX -> the same pipeline (needs torch)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "optimize": "api",
     "OptimizeResult": "api",
+    "from_torch": "pytorch",
     "InputError": "errors",
     "OptimizerError": "errors",
     "PassError": "errors",

@@ -223,13 +223,18 @@ def write_trt_calibration_cache(report: Report, path: str | os.PathLike) -> Path
     from optimizer.errors import InputError
 
     ranges: dict[str, TensorRange] = {}
+    from optimizer.registry import available_passes
+
+    calibrating = {name for name, cls in available_passes().items() if cls.calibrates_ranges}
     for record in report.passes:
-        if record.name == "quantize-int8" and record.changed and not record.rolled_back:
+        if record.name in calibrating and record.changed and not record.rolled_back:
             for name, info in record.details.get("tensors", {}).items():
                 ranges[name] = TensorRange(name, float(info["amax"]), str(info["method"]))
     if not ranges:
         raise InputError("--calib-cache: the pipeline quantized no activations, so there is no cache to write")
-    return write_trt_cache(path, ranges)
+    # The header names the calibrator that reads the cache, not how the scales were chosen: our
+    # engine builder's calibrator (Polygraphy's default) is IInt8EntropyCalibrator2.
+    return write_trt_cache(path, ranges, algorithm="EntropyCalibration2")
 
 
 def evaluate_engine(built, report: Report, onnx_path, data, shapes) -> dict:

@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 #: Evaluations the budget may spend after the bisection returning single fallbacks to INT8.
 REFINE_TRIALS = 8
 
-TUNABLE = ("quantize-int8", "prune-channels")
 
 
 @dataclass
@@ -85,7 +84,7 @@ def metric_of(report: AccuracyReport) -> tuple[str, float, float]:
 def split_at_tunable(steps: list[Step]) -> tuple[list[Step], list[Step]] | None:
     """(steps before the first tunable lossy pass, that pass and everything after), or None."""
     for i, step in enumerate(steps):
-        if not isinstance(step, FixedPoint) and step.name in TUNABLE:
+        if not isinstance(step, FixedPoint) and type(step).tunable:
             return steps[:i], steps[i:]
     return None
 
@@ -114,7 +113,7 @@ def fit_budget(
     tunable = tail[0]
     prefix = PassManager(head, verify="off").run(original, ctx) if head else None
     start_model = prefix.model if prefix else original
-    if tunable.name == "prune-channels":
+    if type(tunable).tunable == "prune":
         return _fit_pruning(original, prefix, start_model, tail, ctx, budget, dataset, shapes, first_run, result, base,
                             metric)
     record = next((r for r in first_run.records if r.name == tunable.name and r.changed), None)

@@ -28,6 +28,8 @@ examples:
   optimize --list-passes
   optimize check model.onnx --preset int8 --calib calib.npz --data eval.npz --baseline base.json
   optimize check-trt model.opt.onnx
+  optimize model.pt2 --int8 --calib calib.npz         # a torch.export program (torch.export.save)
+  optimize inspect model.onnx --json                   # what is in the model, what the passes would do
 """
 
 
@@ -40,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", nargs="?", help="input ONNX model (never modified)")
+    parser.add_argument("model", nargs="?", help="input ONNX model, or a torch.export program (.pt2) (never modified)")
     parser.add_argument("-o", "--output", help="output model (default: <model>.opt.onnx beside the input)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--passes", metavar="TEXT", help='pipeline text, e.g. "cleanup,fold-constants,fuse-conv-bn"')
@@ -230,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         return check_main(argv[1:])
     if argv and argv[0] == "check-trt":
         return check_trt_main(argv[1:])
+    if argv and argv[0] == "inspect":
+        from optimizer import inspect as model_inspect
+
+        return model_inspect.inspect_main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -253,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         print("optimize: error: a model file is required (or --list-passes)", file=sys.stderr)
         return 2
     try:
-        return _run(args)
+        return _run_pt2(args) if str(args.model).lower().endswith(".pt2") else _run(args)
     except OptimizerError as exc:
         print(f"optimize: error: {exc}", file=sys.stderr)
         report = getattr(exc, "report", None)
@@ -277,33 +283,42 @@ def _quiet_graphsurgeon() -> None:
 def pipeline_from_args(args: argparse.Namespace):
     """The pipeline: --passes or --preset, then the precision passes asked for by flags, with
     ``layout-nchw`` switched to NCHW inputs/outputs by ``--input-layout nchw``."""
-    from optimizer.pipeline import PRESETS, iter_passes, parse_pipeline
+    from optimizer.pipeline import PRECISION_STEPS, PRESETS, iter_passes, parse_pipeline
 
     base = args.passes if args.passes is not None else PRESETS[args.preset or "default"]
-    names = {p.name for p in iter_passes(parse_pipeline(base))}
-    extra = []
-    if args.int8 and "quantize-int8" not in names:
-        if "upgrade-opset" not in names:  # per-channel INT8 weights need opset 13
-            extra.append("upgrade-opset(min=13)")
-        extra.append(f"quantize-int8(method={args.calib_method})")
-    if args.fp16 and "convert-fp16" not in names:
-        extra.append("convert-fp16")
-    steps = parse_pipeline(",".join(part for part in [base, *extra] if part))
-    for p in iter_passes(steps):
-        if p.name == "quantize-int8":
-            if args.int8 and "quantize-int8" in names:
-                p.method = args.calib_method
-            if args.range_cache:
-                p.range_cache = args.range_cache
-    if args.input_layout == "nchw":
-        layout = [p for p in iter_passes(steps) if p.name == "layout-nchw"]
-        if not layout:
-            from optimizer.errors import PipelineError
+    present = list(iter_passes(parse_pipeline(base)))
+    flags = {type(p).precision_flag for p in present}
+    wanted = [flag for flag in ("int8", "fp16") if getattr(args, flag) and flag not in flags]
+    names = {p.name for p in present}
+    # a flag's steps that the pipeline already has (e.g. its own upgrade-opset) are not added twice
+    extra = [q for flag in wanted for q in parse_pipeline(PRECISION_STEPS[flag]) if q.name not in names]
+    steps = parse_pipeline(base) + extra
+    if args.input_layout == "nchw" and not any(type(p).sets_io_layout for p in iter_passes(steps)):
+        from optimizer.errors import PipelineError
 
-            raise PipelineError("--input-layout nchw needs layout-nchw in the pipeline (it is in the default preset)")
-        for p in layout:
-            p.io = "nchw"
-    return steps
+        raise PipelineError("--input-layout nchw needs layout-nchw in the pipeline (it is in the default preset)")
+
+    def override(p):
+        """Flag overrides through ``dataclasses.replace``, so each pass's option checks run again."""
+        changes = {}
+        if type(p).calibrates_ranges:
+            if args.int8 or args.calib_method != "auto":
+                changes["method"] = args.calib_method
+            if args.range_cache:
+                changes["range_cache"] = args.range_cache
+        if type(p).sets_io_layout and args.input_layout == "nchw":
+            changes["io"] = "nchw"
+        return dataclasses.replace(p, **changes) if changes else p
+
+    return map_passes(steps, override)
+
+
+def map_passes(steps, function):
+    """``steps`` with every pass replaced by ``function(pass)`` (fixed-point groups kept)."""
+    from optimizer.pipeline import FixedPoint
+
+    return [FixedPoint(map_passes(s.steps, function), s.max_iterations) if isinstance(s, FixedPoint) else function(s)
+            for s in steps]
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -313,13 +328,16 @@ def _run(args: argparse.Namespace) -> int:
     interactive = not args.json and sys.stderr.isatty()
     from optimizer.pipeline import iter_passes
 
+    from optimizer.registry import available_passes
+
     steps = pipeline_from_args(args)
-    names = {p.name for p in iter_passes(steps)}
-    if args.calib_cache and "quantize-int8" not in names:
+    passes = [type(p) for p in iter_passes(steps)]
+    if args.calib_cache and not any(p.calibrates_ranges for p in passes):
         print("optimize: error: --calib-cache needs --int8 (or a pipeline with quantize-int8)", file=sys.stderr)
         return 2
-    if args.calib and not names & {"quantize-int8", "convert-fp16", "prune-channels"}:
-        print("optimize: error: --calib needs --int8, --fp16 or a pipeline with quantize-int8/convert-fp16/prune-channels",
+    if args.calib and not any(p.uses_calibration for p in passes):
+        users = ", ".join(name for name, cls in available_passes().items() if cls.uses_calibration)
+        print(f"optimize: error: --calib needs --int8, --fp16 or a pipeline with a pass that calibrates ({users})",
               file=sys.stderr)
         return 2
     result = optimize(
@@ -339,6 +357,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     report = result.report
     args.resolved_shapes = result.shapes
+    if getattr(args, "pt2", None) is not None:  # optimize model.pt2: the PyTorch comparison
+        args.pt2.annotate(report, result.model, args.data)
     code = 1 if report.status == "accuracy_failed" else 0
     if report.rolled_back:
         undone = "; ".join(f"{r['pass']}: {r['why'][:160]}" for r in report.rolled_back[:3])
@@ -355,12 +375,33 @@ def _run(args: argparse.Namespace) -> int:
         report.trt_check = check_model(output, build=False, shapes=_engine_shapes(args, output)).to_dict()
     if args.save_engine and code == 0:
         code = _build_engine(args, output, report)
+    report.model_path = getattr(args, "source_model", None) or report.model_path
     _emit_report(report, args)
     if code == 2:
         print(f"optimize: error: {report.engine['error']}", file=sys.stderr)
     elif report.status == "accuracy_failed":
         print(f"optimize: error: {report.error}", file=sys.stderr)
     return code
+
+
+def _run_pt2(args: argparse.Namespace) -> int:
+    """``optimize model.pt2``: a ``torch.export.save`` program, exported to ONNX in a temporary
+    folder (``optimizer.pytorch``), then the same run as for an ONNX model."""
+    import tempfile
+
+    from optimizer.pytorch import pt2_session
+
+    source = Path(args.model)
+    with tempfile.TemporaryDirectory(prefix="onnx-trt-optimizer-pt2-") as scratch:
+        args.pt2 = pt2_session(source, Path(scratch))
+        args.output = args.output or str(source.with_suffix(".opt.onnx"))
+        args.model, args.source_model = str(args.pt2.exported.path), str(source)
+        try:
+            return _run(args)
+        except OptimizerError as exc:
+            if getattr(exc, "report", None) is not None:
+                exc.report.model_path = str(source)
+            raise
 
 
 def _shapes(args: argparse.Namespace):

@@ -10,7 +10,7 @@ import onnx
 
 from optimizer.errors import InputError, VerificationError
 import optimizer.io as model_io
-from optimizer.manager import Hook, PassEvent
+from optimizer.events import Hook, PassEvent
 from optimizer.metrics import compare_batches, first_violation
 from optimizer.pass_base import EXACT, PassContext, Tolerance
 from optimizer.runtime import OrtRunner, input_specs, run_like

@@ -116,7 +116,7 @@ def render_html(d: dict) -> str:
     # per-layer quantization / pruning details
     for p in d["passes"]:
         det = p.get("details") or {}
-        if p["name"] == "quantize-int8" and det.get("tensors"):
+        if det.get("tensors") and det.get("calibration"):  # a pass that calibrated activation ranges
             cal = det.get("calibration", {})
             parts.append(f"<h2>INT8 quantization (<code>{_e(p['spec'])}</code>)</h2>")
             parts.append(f"<p>calibration: {_e(cal.get('source'))}, {cal.get('samples')} samples, method {_e(cal.get('method'))}"
@@ -128,10 +128,10 @@ def render_html(d: dict) -> str:
             parts.append(_table(["tensor", "method", "amax", "scale", "SQNR dB"],
                                 [[f"<code>{_e(k)}</code>", _e(v["method"]), f"{v['amax']:.5g}", f"{v['scale']:.5g}", _num(v["sqnr_db"], ".2f")]
                                  for k, v in det["tensors"].items()]))
-        if p["name"] == "lint-qdq" and det.get("issues"):
+        if det.get("issues"):
             parts.append("<h2>Q/DQ placement issues</h2>")
             parts.append(_table(["node", "issue", "detail"], [[f"<code>{_e(i['node'])}</code>", _e(i["kind"]), _e(i["detail"])] for i in det["issues"]]))
-        if p["name"] == "prune-channels" and det:
+        if det.get("groups") and not det.get("calibration"):
             layers = det.get("layers") or det.get("groups") or {}
             if isinstance(layers, dict) and layers:
                 parts.append(f"<h2>Pruning (<code>{_e(p['spec'])}</code>)</h2>")

@@ -11,67 +11,16 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import onnx
-import onnx_graphsurgeon as gs
 
 from optimizer.errors import PassError, VerificationError
-from optimizer.io import pin_ir_version
-from optimizer.metrics import OutputMetrics
+from optimizer.events import Hook, PassEvent, PassRecord  # noqa: F401  (Hook, PassRecord: public here too)
+from optimizer.graph import graph_to_model, import_graph
 from optimizer.pass_base import Pass, PassContext, PassResult
 from optimizer.pipeline import FixedPoint, Step, coerce_pipeline, format_pipeline
-from optimizer.stats import ModelStats
 
 log = logging.getLogger(__name__)
 
 VerifyMode = Literal["numeric", "structural", "off"]
-
-
-@dataclass
-class PassRecord:
-    """What happened in one run of one pass (one entry per fixed-point iteration)."""
-
-    name: str
-    spec: str
-    iteration: int = 0
-    changed: bool = False
-    stats: dict[str, int | float] = field(default_factory=dict)
-    details: dict = field(default_factory=dict)
-    time_s: float = 0.0
-    before: ModelStats | None = None
-    after: ModelStats | None = None
-    verification: str = "off"  # passed | failed | skipped | off | unchanged
-    verification_detail: str = ""
-    outputs: list[OutputMetrics] = field(default_factory=list)
-    rolled_back: bool = False
-    error: str = ""
-
-
-@dataclass
-class PassEvent:
-    """Handed to hooks. ``after`` is None before the pass and when the pass changed nothing."""
-
-    pass_: Pass
-    record: PassRecord
-    before: onnx.ModelProto
-    ctx: PassContext
-    after: onnx.ModelProto | None = None
-    result: PassResult | None = None
-    passes_before: tuple[str, ...] = ()
-
-
-class Hook:
-    """Instrumentation around each pass. Raising from ``after_pass`` fails the pass."""
-
-    def start(self, model: onnx.ModelProto, ctx: PassContext) -> None:
-        """Called once with the original model before the pipeline runs."""
-
-    def before_pass(self, event: PassEvent) -> None:
-        """Called before ``event.pass_`` runs."""
-
-    def after_pass(self, event: PassEvent) -> None:
-        """Called after the pass ran and the graph was cleaned up, sorted and exported."""
-
-    def accepted(self, event: PassEvent) -> None:
-        """Called once every hook's ``after_pass`` succeeded: the pass's model is now current."""
 
 
 @dataclass
@@ -87,26 +36,6 @@ class RunResult:
     @property
     def rolled_back(self) -> list[PassRecord]:
         return [r for r in self.records if r.rolled_back]
-
-
-def graph_to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
-    """Export ``graph`` keeping ``template``'s model-level fields and a runnable IR version."""
-    model = gs.export_onnx(graph)
-    model.ir_version = template.ir_version
-    for name in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(model, name, getattr(template, name))
-    del model.metadata_props[:]
-    model.metadata_props.extend(template.metadata_props)
-    from passes.graph_utils import model_metadata
-
-    for key, value in model_metadata(graph).items():  # entries a pass asked for (e.g. new I/O layouts)
-        existing = next((p for p in model.metadata_props if p.key == key), None)
-        if existing is None:
-            model.metadata_props.add(key=key, value=value)
-        else:
-            existing.value = value
-    pin_ir_version(model, template.ir_version)
-    return model
 
 
 class PassManager:
@@ -199,8 +128,6 @@ class PassManager:
             if skip:  # no graph import: the pass could not match anything in this model
                 graph, result = None, PassResult(False)
             else:
-                from passes.graph_utils import import_graph  # keeps declared I/O types gs would drop
-
                 graph = import_graph(state.model)
                 result = p.run(graph, ctx)
             if not isinstance(result, PassResult):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -110,6 +111,18 @@ class Pass:
     #: The pass reads ``ctx.calibration`` (ranges, activation statistics): the driver plans
     #: calibration samples for it and tells the user which ones it used.
     uses_calibration: ClassVar[bool] = False
+    #: The pass quantizes activations with calibrated ranges: it takes ``method`` and
+    #: ``range_cache`` options (``--calib-method``, ``--range-cache``) and its ``details["tensors"]``
+    #: hold ``{tensor: {"amax", "scale", ...}}`` (a TensorRT calibration cache is written from them).
+    calibrates_ranges: ClassVar[bool] = False
+    #: How an accuracy budget may tune the pass: ``"exclude"`` (layers listed in its ``exclude``
+    #: option stay in float; its ``details["layers"]`` name them) or ``"prune"`` (channel groups, its
+    #: ``ratio``/``ratios`` options); empty: not tunable.
+    tunable: ClassVar[str] = ""
+    #: The pass can change the model's I/O layout through an ``io`` option (``--input-layout``).
+    sets_io_layout: ClassVar[bool] = False
+    #: The precision flag (``--int8``, ``--fp16``) that appends this pass, if any.
+    precision_flag: ClassVar[str] = ""
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -134,9 +147,55 @@ class Pass:
 
     def spec(self) -> str:
         """This pass as pipeline text, e.g. ``fold-constants(size_limit=1024)``."""
-        from optimizer.pipeline import format_pass
-
         return format_pass(self)
 
     def __str__(self) -> str:
         return self.spec()
+
+
+# -- text form and registration (the contract every pass module builds on) --------------------
+#: A bare word in pipeline text: anything else is quoted.
+_WORD = re.compile(r"^[A-Za-z0-9_.:/+\-]+$")
+_NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
+#: Every registered pass by name; ``optimizer.registry`` adds the built-ins and plugins and looks
+#: names up.
+_REGISTRY: dict[str, type[Pass]] = {}
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_format_value(v) for v in value) + "]"
+    if isinstance(value, float):
+        return repr(value)
+    text = str(value)
+    return text if _WORD.match(text) else '"' + text.replace('"', "'") + '"'
+
+
+def format_pass(p: Pass) -> str:
+    """One pass as text: ``name`` or ``name(key=value,...)``."""
+    options = p.options()
+    if not options:
+        return p.name
+    return f"{p.name}(" + ",".join(f"{k}={_format_value(v)}" for k, v in options.items()) + ")"
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make ``cls`` available by ``cls.name`` in pipelines and on the command line."""
+    if not (isinstance(cls, type) and issubclass(cls, Pass)):
+        raise TypeError(f"register_pass expects a Pass subclass, got {cls!r}")
+    if not dataclasses.is_dataclass(cls):
+        cls = dataclasses.dataclass(cls)
+    name = cls.name
+    if not _NAME.match(name or ""):
+        raise ValueError(f"pass {cls.__qualname__} needs a kebab-case `name` (e.g. 'fuse-conv-bn'), got {name!r}")
+    if name in ("fixpoint",):
+        raise ValueError(f"'{name}' is reserved by the pipeline syntax")
+    if not (cls.__doc__ or "").strip() or cls.__doc__.startswith(cls.__name__ + "("):
+        raise ValueError(f"pass '{name}' needs a docstring: it is the pass's user-facing help")
+    existing = _REGISTRY.get(name)
+    if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
+        raise ValueError(f"pass name '{name}' is already registered by {existing.__module__}.{existing.__qualname__}")
+    _REGISTRY[name] = cls
+    return cls

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
 from optimizer.errors import PipelineError
-from optimizer.pass_base import Pass
+from optimizer.pass_base import Pass, format_pass
 from optimizer.registry import available_passes, get_pass_class
 
 PRESETS: dict[str, str] = {
@@ -31,8 +31,10 @@ PRESETS: dict[str, str] = {
         "fuse-conv-bn,fuse-affine,fuse-matmul-add,fuse-gemm-transpose,fuse-pad,fuse-layernorm,fuse-gelu,cse)"
     ),
 }
-PRESETS["fp16"] = PRESETS["default"] + ",convert-fp16"
-# upgrade-opset first: per-channel INT8 weights need opset 13 (a no-op on newer models)
+#: What each precision flag appends (``--int8``, ``--fp16``); upgrade-opset first: per-channel INT8
+#: weights need opset 13 (a no-op on newer models).
+PRECISION_STEPS = {"int8": "upgrade-opset(min=13),quantize-int8", "fp16": "convert-fp16"}
+PRESETS["fp16"] = PRESETS["default"] + "," + PRECISION_STEPS["fp16"]
 PRESETS["int8"] = PRESETS["default"] + ",upgrade-opset,quantize-int8"
 PRESETS["best"] = PRESETS["default"] + ",upgrade-opset,quantize-int8,convert-fp16"
 
@@ -47,7 +49,6 @@ class FixedPoint:
 
 Step = Union[Pass, FixedPoint]
 
-_WORD = re.compile(r"^[A-Za-z0-9_.:/+\-]+$")
 
 
 def _split_top(text: str, where: str) -> list[str]:
@@ -179,25 +180,6 @@ def _unquote(raw: str) -> str:
     if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'":
         return raw[1:-1]
     return raw
-
-
-def _format_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_format_value(v) for v in value) + "]"
-    if isinstance(value, float):
-        return repr(value)
-    text = str(value)
-    return text if _WORD.match(text) else '"' + text.replace('"', "'") + '"'
-
-
-def format_pass(p: Pass) -> str:
-    """One pass as text: ``name`` or ``name(key=value,...)``."""
-    options = p.options()
-    if not options:
-        return p.name
-    return f"{p.name}(" + ",".join(f"{k}={_format_value(v)}" for k, v in options.items()) + ")"
 
 
 def format_pipeline(steps: list[Step]) -> str:

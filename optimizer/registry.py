@@ -9,41 +9,17 @@ their ``pyproject.toml``::
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import logging
-import re
 from importlib import metadata
 
 from optimizer.errors import PipelineError
-from optimizer.pass_base import Pass
+from optimizer.pass_base import _REGISTRY, Pass, register_pass  # noqa: F401  (register_pass: public here too)
 
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "onnx_trt_optimizer.passes"
-_NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
-_REGISTRY: dict[str, type[Pass]] = {}
 _loaded = False
-
-
-def register_pass(cls: type[Pass]) -> type[Pass]:
-    """Class decorator: make ``cls`` available by ``cls.name`` in pipelines and on the command line."""
-    if not (isinstance(cls, type) and issubclass(cls, Pass)):
-        raise TypeError(f"register_pass expects a Pass subclass, got {cls!r}")
-    if not dataclasses.is_dataclass(cls):
-        cls = dataclasses.dataclass(cls)
-    name = cls.name
-    if not _NAME.match(name or ""):
-        raise ValueError(f"pass {cls.__qualname__} needs a kebab-case `name` (e.g. 'fuse-conv-bn'), got {name!r}")
-    if name in ("fixpoint",):
-        raise ValueError(f"'{name}' is reserved by the pipeline syntax")
-    if not (cls.__doc__ or "").strip() or cls.__doc__.startswith(cls.__name__ + "("):
-        raise ValueError(f"pass '{name}' needs a docstring: it is the pass's user-facing help")
-    existing = _REGISTRY.get(name)
-    if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
-        raise ValueError(f"pass name '{name}' is already registered by {existing.__module__}.{existing.__qualname__}")
-    _REGISTRY[name] = cls
-    return cls
 
 
 def _load_builtins_and_plugins() -> None:

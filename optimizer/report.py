@@ -42,6 +42,7 @@ class Report:
     samples: dict | None = None  # which samples verified, evaluated and calibrated (calibration.samples)
     verification: dict | None = None  # verification samples, the model's float noise, the lossless rule
     rolled_back: list[dict] = field(default_factory=list)  # passes undone: pass, iteration, why
+    torch: dict | None = None  # from_torch / .pt2: exporter, fallback_reason, PyTorch vs exported / optimized
 
     # -- derived -----------------------------------------------------------------------------
     @property
@@ -84,6 +85,7 @@ class Report:
             "budget": self.budget,
             "engine": self.engine,
             "trt_check": self.trt_check,
+            "torch": self.torch,
             "warnings": list(self.warnings),
         }
 
@@ -155,6 +157,7 @@ class Report:
             lines += [f"- `{f['node']}` kept in float by {f['pass_name']}: sensitivity +{f['gain']:.3f} points ({f['reason']})"
                       for f in b["fallbacks"]]
         lines += _engine_markdown(self.engine, self.trt_check)
+        lines += _torch_lines(self.torch)
         if self.warnings:
             lines += ["", "## Warnings", ""] + [f"- {w}" for w in self.warnings]
         return "\n".join(lines) + "\n"
@@ -221,7 +224,7 @@ class Report:
                     f"  task accuracy: original {a.task.original:.2f} %, optimized {a.task.optimized:.2f} % "
                     f"(drop {a.task.drop:.2f} points)", highlight=False,
                 )
-        for line in _engine_markdown(self.engine, self.trt_check):
+        for line in _engine_markdown(self.engine, self.trt_check) + _torch_lines(self.torch):
             if line:
                 console.print(escape(line.lstrip("#- ").replace("`", "")), highlight=False)
         for w in self.warnings:
@@ -270,6 +273,21 @@ def _engine_markdown(engine: dict | None, trt_check: dict | None) -> list[str]:
             for kind, outputs in (engine.get("accuracy") or {}).items():
                 for name, m in outputs.items():
                     lines.append(f"- {kind} `{name}`: max abs {m['max_abs']:.3g}, cosine {m['cosine']}")
+    return lines
+
+
+def _torch_lines(torch: dict | None) -> list[str]:
+    """Markdown lines of the ``torch`` section: which exporter, and PyTorch vs each ONNX model."""
+    if not torch:
+        return []
+    lines = ["", "## PyTorch vs ONNX", "", f"- exporter: {torch['exporter']}"
+             + (f" (dynamo failed: {torch['fallback_reason']})" if torch.get("fallback_reason") else "")]
+    if torch.get("error"):
+        return lines + [f"- not compared: {torch['error']}"]
+    for kind in ("vs_exported", "vs_optimized"):
+        for name, m in (torch.get(kind) or {}).items():
+            lines.append(f"- PyTorch {kind.replace('_', ' ')} `{name}`: max abs {m['max_abs']:.3g}, "
+                         f"max rel {m['max_rel']:.3g}, cosine {_opt(m['cosine'], '.6f')} ({torch['inputs']})")
     return lines
 
 

@@ -126,7 +126,7 @@ def io_adapter(original: onnx.ModelProto, candidate: onnx.ModelProto):
     """``(to_inputs, to_outputs)`` mapping the original model's feeds to ``candidate``'s inputs and
     its outputs back, when a pass changed the I/O layout (``layout-nchw(io=nchw)`` records the
     permutations in the model's metadata); identities otherwise."""
-    from passes.layout import io_layout, to_model_inputs, to_original_outputs
+    from optimizer.io_layout import io_layout, to_model_inputs, to_original_outputs
 
     if io_layout(original) == io_layout(candidate):
         return (lambda feeds: feeds), (lambda outputs: outputs)

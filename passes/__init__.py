@@ -1,5 +1,33 @@
-"""Built-in passes, one module per family. Importing this package registers them."""
+"""Built-in passes, one module per family or pass. Importing this package registers them."""
 
-from passes import cleanup, fusion, layout, normalization, opset, precision, pruning, quantization, simplify  # noqa: F401
+from passes import (  # noqa: F401
+    cleanup,
+    cse,
+    fold_shapes,
+    fuse_gelu,
+    fuse_layernorm,
+    fusion,
+    opset,
+    precision,
+    quantization,
+    remove_noop_arithmetic,
+    simplify_layout_ops,
+)
+from passes.layout import nchw  # noqa: F401
+from passes.pruning import channels, sparsity  # noqa: F401
 
-__all__ = ["cleanup", "fusion", "layout", "normalization", "opset", "precision", "pruning", "quantization", "simplify"]
+__all__ = [
+    "cleanup",
+    "cse",
+    "fold_shapes",
+    "fuse_gelu",
+    "fuse_layernorm",
+    "fusion",
+    "layout",
+    "opset",
+    "precision",
+    "pruning",
+    "quantization",
+    "remove_noop_arithmetic",
+    "simplify_layout_ops",
+]

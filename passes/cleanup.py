@@ -9,7 +9,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from optimizer.pass_base import Pass, PassContext, PassResult
-from optimizer.registry import register_pass
+from optimizer.pass_base import register_pass
 from optimizer.runtime import import_onnxruntime
 from passes.graph_utils import (
     QDQ_OPS,

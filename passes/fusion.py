@@ -13,7 +13,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from optimizer.pass_base import Pass, PassContext, PassResult
-from optimizer.registry import register_pass
+from optimizer.pass_base import register_pass
 from passes.graph_utils import (
     all_graphs,
     constant_values,

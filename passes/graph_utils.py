@@ -7,6 +7,9 @@ from typing import Iterator
 import numpy as np
 import onnx_graphsurgeon as gs
 
+# The passes' toolkit re-exports the kernel's graph <-> model helpers: pass authors find them here.
+from optimizer.graph import graph_to_model, import_graph, model_metadata, set_model_metadata  # noqa: F401
+
 #: Nodes that must never be folded, merged or removed by general-purpose passes.
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 #: Nondeterministic ops: folding or merging them would change what the model computes.
@@ -20,48 +23,6 @@ def all_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
     yield graph
     for sub in graph.subgraphs(recursive=True):
         yield sub
-
-
-def import_graph(model) -> gs.Graph:
-    """``gs.import_onnx(model)``, keeping the types that graph inputs and outputs declare.
-
-    graphsurgeon imports a graph's ``value_info`` before its inputs and outputs and keeps the first
-    tensor it made for a name. A ``value_info`` entry for an input or output name with an element
-    type but no shape -- what tools write for ``com.microsoft`` outputs (``DynamicQuantizeLSTM``,
-    ``MatMulIntegerToFloat``...), whose shapes onnx shape inference cannot infer -- thereby
-    replaces the declared shape, and the exported model has a main-graph input or output without
-    a shape, which the checker rejects ("Field 'shape' of 'type' is required but missing"). Here
-    the declared type fills in what such an entry lacks (as graphsurgeon merges repeated
-    ``value_info`` entries), in every subgraph too.
-    """
-    graph = gs.import_onnx(model)
-    _restore_declared_types(graph, model.graph)
-    return graph
-
-
-def _restore_declared_types(graph: gs.Graph, proto) -> None:
-    import onnx
-    from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
-
-    declared = {v.name: v for v in list(proto.input) + list(proto.output)}
-    for tensor in list(graph.inputs) + list(graph.outputs):
-        value = declared.get(tensor.name)
-        if not isinstance(tensor, gs.Variable) or value is None or not value.type.ByteSize():
-            continue
-        if tensor.dtype is None or tensor.shape is None:
-            parsed = OnnxImporter.import_tensor(value)
-            tensor.dtype = tensor.dtype if tensor.dtype is not None else parsed.dtype
-            tensor.shape = tensor.shape if tensor.shape is not None else parsed.shape
-    # Right after import, graphsurgeon's nodes are the proto's, in order, with its attribute names.
-    for node, node_proto in zip(graph.nodes, proto.node):
-        for attr in node_proto.attribute:
-            sub = node.attrs.get(attr.name)
-            if attr.type == onnx.AttributeProto.GRAPH and isinstance(sub, gs.Graph):
-                _restore_declared_types(sub, attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS and isinstance(sub, list):
-                for g, g_proto in zip(sub, attr.graphs):
-                    if isinstance(g, gs.Graph):
-                        _restore_declared_types(g, g_proto)
 
 
 def is_default_domain(node: gs.Node) -> bool:
@@ -262,21 +223,6 @@ def infer_static_shapes(
         for name, (shape, dtype) in infer_tensor_types(graph, input_shapes).items()
         if shape is not None and dtype is not None and all(d is not None for d in shape)
     }
-
-
-def set_model_metadata(graph: gs.Graph, key: str, value: str) -> None:
-    """Ask for ``key = value`` in the exported model's ``metadata_props`` (a graph has none).
-
-    Passes that change the model's interface (e.g. ``layout-nchw(io=nchw)``) record it here; the
-    manager copies these entries into the model it exports (see ``model_metadata``).
-    """
-    # graph.__dict__ directly: graphsurgeon's Graph.__getattr__ treats unknown names as op functions
-    graph.__dict__.setdefault("_model_metadata", {})[key] = value
-
-
-def model_metadata(graph: gs.Graph) -> dict[str, str]:
-    """The ``metadata_props`` entries passes asked for with ``set_model_metadata``."""
-    return dict(graph.__dict__.get("_model_metadata", {}))
 
 
 def count_macs(graph: gs.Graph, shapes: dict[str, tuple[int | None, ...]]) -> int:

@@ -16,7 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from optimizer.pass_base import Pass, PassContext, PassResult
-from optimizer.registry import register_pass
+from optimizer.pass_base import register_pass
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from optimizer.pass_base import Pass, PassContext, PassResult, Tolerance
-from optimizer.registry import register_pass
+from optimizer.pass_base import register_pass
 from passes.graph_utils import constant_values, infer_tensor_types, is_default_domain, is_graph_output, unique_name
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ class ConvertFp16(Pass):
     name = "convert-fp16"
     lossy = True
     uses_calibration = True
+    precision_flag = "fp16"
     # Scale-free: FP16 rounding grows with the logits' magnitude, so an absolute bound would reject
     # correct conversions of deep networks (and accept broken ones of shallow ones).
     tolerance = Tolerance(rtol=float("inf"), atol=float("inf"), min_cosine=0.999)

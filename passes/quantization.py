@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 
 from optimizer.errors import InputError
 from optimizer.pass_base import Pass, PassContext, PassResult, Tolerance
-from optimizer.registry import register_pass
+from optimizer.pass_base import register_pass
 from passes.graph_utils import constant_values, is_default_domain, unique_name
 from passes.match import producer
 
@@ -207,6 +207,9 @@ class QuantizeInt8(Pass):
     name = "quantize-int8"
     lossy = True
     uses_calibration = True
+    calibrates_ranges = True
+    tunable = "exclude"
+    precision_flag = "int8"
     tolerance = Tolerance(rtol=float("inf"), atol=float("inf"), min_cosine=0.98, max_mismatch=0.05)
 
     method: str = "auto"
@@ -285,6 +288,12 @@ class QuantizeInt8(Pass):
                 _set_scale(qdq[name], ranges[name]["scale"])
             details["method_selection"] = {"chosen": chosen, "candidates": table, "scored_on": scored_on}
             calib_info["method"] = f"auto: {chosen}"
+            if self.range_cache and not calib_info.get("synthetic"):  # the chosen ranges, for reuse
+                from calibration.cache import save_ranges
+                from calibration.ranges import TensorRange
+
+                save_ranges(self.range_cache, [TensorRange(n, v["amax"], v["method"], v["sqnr_db"])
+                                               for n, v in ranges.items()], float_model)
         if targets and not calib_info.get("synthetic"):
             details["bias_correction"] = self._correct_biases(graph, targets, float_model, ctx, skipped)
         stats = {
@@ -564,7 +573,7 @@ def _graph_model(graph: gs.Graph):
     """An ONNX model of ``graph`` (a copy) for running in ONNX Runtime."""
     import onnx
 
-    from optimizer.manager import graph_to_model
+    from optimizer.graph import graph_to_model
 
     template = onnx.ModelProto()
     template.ir_version = 10

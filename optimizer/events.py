@@ -1,0 +1,62 @@
+"""What the pass manager hands its hooks: one ``PassRecord`` per pass run, the ``PassEvent`` around
+it, and the ``Hook`` interface (timing, statistics and verification are hooks: ``optimizer.hooks``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx
+
+from optimizer.metrics import OutputMetrics
+from optimizer.pass_base import Pass, PassContext, PassResult
+from optimizer.stats import ModelStats
+
+
+@dataclass
+class PassRecord:
+    """What happened in one run of one pass (one entry per fixed-point iteration)."""
+
+    name: str
+    spec: str
+    iteration: int = 0
+    changed: bool = False
+    stats: dict[str, int | float] = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
+    time_s: float = 0.0
+    before: ModelStats | None = None
+    after: ModelStats | None = None
+    verification: str = "off"  # passed | failed | skipped | off | unchanged
+    verification_detail: str = ""
+    outputs: list[OutputMetrics] = field(default_factory=list)
+    rolled_back: bool = False
+    error: str = ""
+
+
+@dataclass
+class PassEvent:
+    """Handed to hooks. ``after`` is None before the pass and when the pass changed nothing."""
+
+    pass_: Pass
+    record: PassRecord
+    before: onnx.ModelProto
+    ctx: PassContext
+    after: onnx.ModelProto | None = None
+    result: PassResult | None = None
+    passes_before: tuple[str, ...] = ()
+
+
+class Hook:
+    """Instrumentation around each pass. Raising from ``after_pass`` fails the pass."""
+
+    def start(self, model: onnx.ModelProto, ctx: PassContext) -> None:
+        """Called once with the original model before the pipeline runs."""
+
+    def before_pass(self, event: PassEvent) -> None:
+        """Called before ``event.pass_`` runs."""
+
+    def after_pass(self, event: PassEvent) -> None:
+        """Called after the pass ran and the graph was cleaned up, sorted and exported."""
+
+    def accepted(self, event: PassEvent) -> None:
+        """Called once every hook's ``after_pass`` succeeded: the pass's model is now current."""

@@ -1,0 +1,89 @@
+"""Graph <-> model: importing a ``ModelProto`` into an onnx-graphsurgeon graph and exporting it
+back with the model-level fields (IR version, producer, metadata) a pass cannot see.
+
+Part of the kernel: the manager and the passes (which run ONNX Runtime on intermediate graphs)
+both build on it, so it imports nothing above it.
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from optimizer.io import pin_ir_version
+
+
+def import_graph(model) -> gs.Graph:
+    """``gs.import_onnx(model)``, keeping the types that graph inputs and outputs declare.
+
+    graphsurgeon imports a graph's ``value_info`` before its inputs and outputs and keeps the first
+    tensor it made for a name. A ``value_info`` entry for an input or output name with an element
+    type but no shape -- what tools write for ``com.microsoft`` outputs (``DynamicQuantizeLSTM``,
+    ``MatMulIntegerToFloat``...), whose shapes onnx shape inference cannot infer -- thereby
+    replaces the declared shape, and the exported model has a main-graph input or output without
+    a shape, which the checker rejects ("Field 'shape' of 'type' is required but missing"). Here
+    the declared type fills in what such an entry lacks (as graphsurgeon merges repeated
+    ``value_info`` entries), in every subgraph too.
+    """
+    graph = gs.import_onnx(model)
+    _restore_declared_types(graph, model.graph)
+    return graph
+
+
+def _restore_declared_types(graph: gs.Graph, proto) -> None:
+    import onnx
+    from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
+
+    declared = {v.name: v for v in list(proto.input) + list(proto.output)}
+    for tensor in list(graph.inputs) + list(graph.outputs):
+        value = declared.get(tensor.name)
+        if not isinstance(tensor, gs.Variable) or value is None or not value.type.ByteSize():
+            continue
+        if tensor.dtype is None or tensor.shape is None:
+            parsed = OnnxImporter.import_tensor(value)
+            tensor.dtype = tensor.dtype if tensor.dtype is not None else parsed.dtype
+            tensor.shape = tensor.shape if tensor.shape is not None else parsed.shape
+    # Right after import, graphsurgeon's nodes are the proto's, in order, with its attribute names.
+    for node, node_proto in zip(graph.nodes, proto.node):
+        for attr in node_proto.attribute:
+            sub = node.attrs.get(attr.name)
+            if attr.type == onnx.AttributeProto.GRAPH and isinstance(sub, gs.Graph):
+                _restore_declared_types(sub, attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS and isinstance(sub, list):
+                for g, g_proto in zip(sub, attr.graphs):
+                    if isinstance(g, gs.Graph):
+                        _restore_declared_types(g, g_proto)
+
+
+
+def set_model_metadata(graph: gs.Graph, key: str, value: str) -> None:
+    """Ask for ``key = value`` in the exported model's ``metadata_props`` (a graph has none).
+
+    Passes that change the model's interface (e.g. ``layout-nchw(io=nchw)``) record it here; the
+    manager copies these entries into the model it exports (see ``model_metadata``).
+    """
+    # graph.__dict__ directly: graphsurgeon's Graph.__getattr__ treats unknown names as op functions
+    graph.__dict__.setdefault("_model_metadata", {})[key] = value
+
+
+def model_metadata(graph: gs.Graph) -> dict[str, str]:
+    """The ``metadata_props`` entries passes asked for with ``set_model_metadata``."""
+    return dict(graph.__dict__.get("_model_metadata", {}))
+
+
+def graph_to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """Export ``graph`` keeping ``template``'s model-level fields and a runnable IR version."""
+    model = gs.export_onnx(graph)
+    model.ir_version = template.ir_version
+    for name in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(model, name, getattr(template, name))
+    del model.metadata_props[:]
+    model.metadata_props.extend(template.metadata_props)
+    for key, value in model_metadata(graph).items():  # entries a pass asked for (e.g. new I/O layouts)
+        existing = next((p for p in model.metadata_props if p.key == key), None)
+        if existing is None:
+            model.metadata_props.add(key=key, value=value)
+        else:
+            existing.value = value
+    pin_ir_version(model, template.ir_version)
+    return model
