@@ -19,7 +19,7 @@ from optimizer import Pass, PassResult, available_passes, register_pass
 from optimizer.cli import main
 from optimizer.registry import _REGISTRY
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("deep")]  # one model build per worker
 
 
 @pytest.fixture(scope="module")

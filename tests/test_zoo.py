@@ -34,6 +34,9 @@ from optimizer.runtime import input_specs
 
 ZOO = ROOT / "sample_models" / "zoo"
 MODELS = sorted(p.stem for p in ZOO.glob("*.onnx"))
+#: One xdist group per model: its optimize runs are cached per process, so the preset test and the
+#: TensorRT-RTX test of one model share a worker (``--dist loadgroup``).
+GROUPED = [pytest.param(name, marks=pytest.mark.xdist_group(name)) for name in MODELS]
 #: ``best`` (= default, quantize-int8, convert-fp16) is not in the original brief but is a shipped
 #: preset; it is held to the int8 rules.
 PRESETS = ("plain", "default", "fp16", "int8", "best")
@@ -159,7 +162,7 @@ def _optimize(name: str, preset: str, out_dir: Path, capsys) -> dict:
 
 # --------------------------------------------------------------------------- the matrix
 @pytest.mark.parametrize("preset", PRESETS)
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", GROUPED)
 def test_zoo_preset(name, preset, zoo_out, capsys):
     result = _optimize(name, preset, zoo_out, capsys)
     code, err = result["code"], result["stderr"]
@@ -203,7 +206,7 @@ def test_zoo_preset(name, preset, zoo_out, capsys):
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", GROUPED)
 def test_zoo_output_builds_in_tensorrt_rtx(name, preset, zoo_out, capsys):
     """The optimized model parses in TensorRT-RTX with no unsupported node, and an engine builds (SM89)."""
     pytest.importorskip("tensorrt_rtx")
@@ -222,7 +225,7 @@ def test_zoo_output_builds_in_tensorrt_rtx(name, preset, zoo_out, capsys):
         assert checked.built, f"{name}/{preset}: TensorRT-RTX engine build failed: {checked.errors[:3]}"
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", GROUPED)
 def test_zoo_original_parses_in_tensorrt_rtx(name):
     """Baseline for the check above: what TensorRT-RTX makes of the original (TRT_UNSUPPORTED lists the exceptions)."""
     pytest.importorskip("tensorrt_rtx")
