@@ -292,28 +292,7 @@ def collect_statistics(
     for index, name in enumerate(names):
         result[name] = TensorStats(name, num_bins, sample_size, seed=(seed, index))
 
-    runner = None
-    if plan.fetch:
-        runner = OrtRunner(augment_model(model, plan.fetch, plan.types))
-        runner.output_names = list(plan.fetch)  # fetch only what we measure
-
-    size = effective_batch_size(specs, batch_size)
-    total = source.num_samples
-    if is_fixed_batch(specs):
-        total -= total % size
-    if max_samples is not None:
-        total = min(total, max_samples)
-    advance = progress("calibrating", total) if progress is not None else (lambda n=1: None)
-
-    for feeds in source.batches(specs, batch_size):
-        n = _batch_len(feeds)
-        if max_samples is not None and result.samples + n > max_samples:
-            keep = max_samples - result.samples
-            if keep <= 0 or is_fixed_batch(specs):
-                break
-            feeds = {k: v[:keep] for k, v in feeds.items()}
-            n = keep
-        outputs = runner.run(feeds) if runner is not None else {}
+    for feeds, outputs, n in _stream(model, plan, source, specs, batch_size, max_samples, progress, "calibrating"):
         for name in plan.from_feeds:
             result[name].update(feeds[name])
         for name in plan.fetch:
@@ -329,7 +308,6 @@ def collect_statistics(
         del outputs, feeds
         result.samples += n
         result.batches += 1
-        advance(n)
     if result.samples == 0:
         raise InputError(f"{source.description}: no calibration samples")
     result.warnings = list(getattr(source, "warnings", []))
@@ -337,6 +315,35 @@ def collect_statistics(
         result.warnings.append("calibrated on synthetic data: the ranges say nothing about real inputs")
     log.info("collected statistics for %d tensor(s) over %d sample(s) from %s", len(result), result.samples, result.source)
     return result
+
+
+def _stream(model, plan, source, specs, batch_size: int, max_samples: int | None, progress, label: str):
+    """``(feeds, fetched outputs, samples)`` per batch of ``source`` (at most ``max_samples``
+    samples; a fixed batch size is never cut), with ``plan.fetch`` run as extra model outputs."""
+    runner = None
+    if plan.fetch:
+        runner = OrtRunner(augment_model(model, plan.fetch, plan.types))
+        runner.output_names = list(plan.fetch)  # fetch only what we measure
+    size = effective_batch_size(specs, batch_size)
+    total = source.num_samples
+    if is_fixed_batch(specs):
+        total -= total % size
+    if max_samples is not None:
+        total = min(total, max_samples)
+    advance = progress(label, total) if progress is not None else (lambda n=1: None)
+    seen = 0
+    for feeds in source.batches(specs, batch_size):
+        n = _batch_len(feeds)
+        if max_samples is not None and seen + n > max_samples:
+            keep = max_samples - seen
+            if keep <= 0 or is_fixed_batch(specs):
+                break
+            feeds = {k: v[:keep] for k, v in feeds.items()}
+            n = keep
+        outputs = runner.run(feeds) if runner is not None else {}
+        yield feeds, outputs, n
+        seen += n
+        advance(n)
 
 
 def _batch_len(feeds: dict[str, np.ndarray]) -> int:
@@ -443,28 +450,7 @@ def collect_channel_means(
     names = plan.from_feeds + plan.fetch
     sums = {name: _ChannelSum(name, int(tensors[name])) for name in names}
 
-    runner = None
-    if plan.fetch:
-        runner = OrtRunner(augment_model(model, plan.fetch, plan.types))
-        runner.output_names = list(plan.fetch)
-
-    size = effective_batch_size(specs, batch_size)
-    total = source.num_samples
-    if is_fixed_batch(specs):
-        total -= total % size
-    if max_samples is not None:
-        total = min(total, max_samples)
-    advance = progress("channel means", total) if progress is not None else (lambda n=1: None)
-
-    for feeds in source.batches(specs, batch_size):
-        n = _batch_len(feeds)
-        if max_samples is not None and result.samples + n > max_samples:
-            keep = max_samples - result.samples
-            if keep <= 0 or is_fixed_batch(specs):
-                break
-            feeds = {k: v[:keep] for k, v in feeds.items()}
-            n = keep
-        outputs = runner.run(feeds) if runner is not None else {}
+    for feeds, outputs, n in _stream(model, plan, source, specs, batch_size, max_samples, progress, "channel means"):
         for name in list(sums):
             value = feeds[name] if name in plan.from_feeds else outputs.pop(name)
             reason = f"not a floating-point tensor ({value.dtype})" if value.dtype.kind != "f" else sums[name].update(value)
@@ -475,7 +461,6 @@ def collect_channel_means(
         del outputs, feeds
         result.samples += n
         result.batches += 1
-        advance(n)
     if result.samples == 0:
         raise InputError(f"{source.description}: no calibration samples")
     for name in (n for n in dict.fromkeys(tensors) if n in sums):  # in the order asked for
