@@ -193,7 +193,8 @@ def fold_constants(analysis: ChannelAnalysis, g: gs.Graph, kept: dict[int, np.nd
     return fold_into_bias(analysis, g, kept, vectors, [u for u in analysis.uses if u.foldable])
 
 
-def fold_into_bias(analysis: ChannelAnalysis, g: gs.Graph, kept: dict[int, np.ndarray], vectors: dict[str, np.ndarray], uses: list[_Use]) -> int:
+def fold_into_bias(analysis: ChannelAnalysis, g: gs.Graph, kept: dict[int, np.ndarray], vectors: dict[str, np.ndarray],
+                   uses: list[_Use]) -> int:
     """For every use, add ``value * weights`` of the removed input positions to the layer's bias,
     where ``vectors[use.tensor]`` holds one value per position (NaN or 0: nothing to add).
     Returns the number of layers changed."""

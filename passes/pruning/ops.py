@@ -255,7 +255,7 @@ def _pool(analysis: ChannelAnalysis, node: gs.Node) -> None:
     analysis.set_out(node.outputs[0], cmap, const)
 
 
-def _axes(analysis: ChannelAnalysis, node: gs.Node, index: int = 1) -> list[int] | None:
+def _axes(node: gs.Node, index: int = 1) -> list[int] | None:
     """Axes from the ``axes`` attribute or a constant input; None when absent; raises if unknown."""
     if "axes" in node.attrs:
         return [int(a) for a in node.attrs["axes"]]
@@ -270,7 +270,7 @@ def _axes(analysis: ChannelAnalysis, node: gs.Node, index: int = 1) -> list[int]
 def _reduce(analysis: ChannelAnalysis, node: gs.Node) -> None:
     cmap = _only_first_input_carried(analysis, node)
     rank = analysis.rank(node.inputs[0])
-    axes = analysis._axes(node)
+    axes = _axes(node)
     if not axes:
         if node.attrs.get("noop_with_empty_axes", 0):
             axes = []
@@ -390,7 +390,7 @@ def _squeeze(analysis: ChannelAnalysis, node: gs.Node) -> None:
     cmap = _only_first_input_carried(analysis, node)
     shape = analysis.shape(node.inputs[0])
     rank = len(shape) if shape is not None else analysis.rank(node.inputs[0])
-    axes = analysis._axes(node)
+    axes = _axes(node)
     if axes is None:
         if shape is None or any(d is None for d in shape):
             raise _Blocked("shape_unknown")
@@ -405,7 +405,7 @@ def _squeeze(analysis: ChannelAnalysis, node: gs.Node) -> None:
 def _unsqueeze(analysis: ChannelAnalysis, node: gs.Node) -> None:
     cmap = _only_first_input_carried(analysis, node)
     out_rank = analysis.rank(node.outputs[0])
-    axes = analysis._axes(node)
+    axes = _axes(node)
     if axes is None:
         raise _Blocked("axes_not_constant")
     inserted = sorted(_norm_axis(a, out_rank) for a in axes)
@@ -423,7 +423,7 @@ def _slice(analysis: ChannelAnalysis, node: gs.Node) -> None:
         starts = constant_values(node.inputs[1]) if len(node.inputs) > 1 else None
         if starts is None:
             raise _Blocked("slice_not_constant")
-        axes = analysis._axes(node, 3)
+        axes = _axes(node, 3)
         axes = list(range(starts.size)) if axes is None else axes
     if cmap.axis in [_norm_axis(int(a), rank) for a in axes]:
         raise _Blocked("slices_channels")
@@ -451,7 +451,7 @@ def _pad(analysis: ChannelAnalysis, node: gs.Node) -> None:
         if pads_v is None:
             raise _Blocked("pads_not_constant")
         pads = [int(p) for p in pads_v.reshape(-1)]
-        axes = analysis._axes(node, 3) or list(range(rank))
+        axes = _axes(node, 3) or list(range(rank))
         value = 0.0
         if len(node.inputs) > 2 and node.inputs[2].name:
             v = constant_values(node.inputs[2])

@@ -3,6 +3,7 @@ prune-channels removes together, and the reasons a group is blocked."""
 
 import numpy as np
 from onnx import helper, numpy_helper
+from helpers import assert_same_outputs, random_inputs
 from pruning_models import Weights, assert_valid, groups_of, last_stats, make_model, vi, zoo_model
 
 from optimizer import PassManager
@@ -107,3 +108,34 @@ def test_transformer_mlp_hidden_channels_are_pruned_along_the_last_axis():
     shapes = {t.name: list(t.dims) for t in result.model.graph.initializer}
     fc2 = next(n for n in result.model.graph.node if n.name == "fc2")
     assert shapes[fc2.input[1]] == [16, 16]
+
+
+# -- ops that read axes: reductions, Squeeze/Unsqueeze, Slice, Pad -----------------------------
+def test_channels_pass_through_ops_that_read_axes():
+    """ReduceMean over H, W (squeeze-and-excitation), Unsqueeze/Squeeze, Slice and Pad on spatial
+    axes keep channels apart: one group from conv1 to conv2, pruned exactly on zero channels."""
+    w = Weights(12)
+    w.add("w1", (16, 3, 3, 3)), w.add("b1", (16,)), w.add("w2", (8, 16, 1, 1))
+    v = w.get("w1"); v[[2, 9]] = 0; w.set("w1", v)
+    b = w.get("b1"); b[[2, 9]] = 0; w.set("b1", b)
+    inits = w.inits + [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (
+        ("ax4", [4]), ("starts", [1]), ("ends", [7]), ("ax2", [2]), ("pads", [0, 0, 1, 0, 0, 0, 1, 0]))]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("ReduceMean", ["r1"], ["m"], axes=[2, 3], keepdims=1),
+        helper.make_node("Sigmoid", ["m"], ["s"]),
+        helper.make_node("Mul", ["r1", "s"], ["se"]),
+        helper.make_node("Unsqueeze", ["se", "ax4"], ["u"]),
+        helper.make_node("Squeeze", ["u", "ax4"], ["q"]),
+        helper.make_node("Slice", ["q", "starts", "ends", "ax2"], ["sl"]),
+        helper.make_node("Pad", ["sl", "pads"], ["p"]),
+        helper.make_node("Conv", ["p", "w2"], ["y"], name="conv2"),
+    ]
+    model = make_model(nodes, [vi("x", [1, 3, 8, 8])], [vi("y", [1, 8, 8, 8])], inits, opset=13)
+    group = groups_of(model)[("conv1",)]
+    assert not group.blocked and group.consumers == ["conv2"]
+    result = PassManager("prune-channels(only_zero=true,multiple=1,min_channels=1)").run(model)
+    assert result.records[-1].details["groups"][0]["removed"] == 2
+    assert_valid(result.model)
+    assert_same_outputs(model, result.model, random_inputs(model), rtol=1e-6, atol=1e-6)
