@@ -160,6 +160,7 @@ def build_check_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-cosine", type=float, help="minimum cosine similarity of every output")
     parser.add_argument("--min-compression", type=float, help="minimum compression (original / optimized bytes)")
     parser.add_argument("--bisect", action="store_true", help="on failure, find the first pass that breaks a bound")
+    parser.add_argument("--metric", metavar="NAME|module:function", help="task metric the accuracy bound applies to")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
 
@@ -180,7 +181,7 @@ def check_main(argv: list[str]) -> int:
         result = check_regression(
             args.model, pipeline, optimized=args.optimized, data=args.data, shapes=args.shapes,
             calibration=args.calib, baseline=args.baseline, max_accuracy_drop=args.max_accuracy_drop,
-            min_cosine=args.min_cosine, min_compression=args.min_compression, bisect=args.bisect,
+            min_cosine=args.min_cosine, min_compression=args.min_compression, bisect=args.bisect, metric=args.metric,
         )
     except OptimizerError as exc:
         print(f"optimize check: error: {exc}", file=sys.stderr)

@@ -158,8 +158,10 @@ def check_regression(
     min_cosine: float | None = None,
     min_compression: float | None = None,
     bisect: bool = False,
+    metric=None,
 ) -> CheckResult:
-    """Optimize (or take ``optimized``), evaluate, and compare with the bounds."""
+    """Optimize (or take ``optimized``), evaluate, and compare with the bounds (``metric``: a task
+    metric, see ``optimizer.task_metrics``; the accuracy bound then applies to it)."""
     from optimizer.api import optimize
     from optimizer.io import load_model
     from optimizer.stats import model_stats
@@ -180,13 +182,13 @@ def check_regression(
 
         dataset = load_npz(data) if isinstance(data, (str, os.PathLike)) else data
         shape_specs = shapes if isinstance(shapes, dict) else parse_shapes(shapes)
-        accuracy = evaluate(original, candidate, dataset, shape_specs)
+        accuracy = evaluate(original, candidate, dataset, shape_specs, metric=metric)
         compression = model_stats(original).model_bytes / max(model_stats(candidate).model_bytes, 1)
         bounds = make_bounds(accuracy, compression, base, max_accuracy_drop, min_cosine, min_compression)
         return CheckResult(bounds, None)
     try:
         result = optimize(model, pipeline, data=data, shapes=shapes, calibration=calibration, verify="numeric",
-                          lossy_finite_only=True)
+                          lossy_finite_only=True, metric=metric)
     except PassError as exc:
         report = getattr(exc, "report", None)
         check = CheckResult([], report, errors=[str(exc)], first_bad_pass=exc.pass_name or None)
@@ -198,11 +200,11 @@ def check_regression(
     )
     if not check.ok and bisect:
         check.first_bad_pass = _bisect(model, report.pipeline, data, shapes, calibration, base,
-                                       max_accuracy_drop, min_cosine)
+                                       max_accuracy_drop, min_cosine, metric)
     return check
 
 
-def _bisect(model, pipeline: str, data, shapes, calibration, base, max_accuracy_drop, min_cosine) -> str | None:
+def _bisect(model, pipeline: str, data, shapes, calibration, base, max_accuracy_drop, min_cosine, metric=None) -> str | None:
     """The first pass whose prefix breaks an accuracy bound (compression is not bisected)."""
     from optimizer.api import optimize
     from optimizer.pipeline import format_pass, iter_passes, parse_pipeline
@@ -211,7 +213,8 @@ def _bisect(model, pipeline: str, data, shapes, calibration, base, max_accuracy_
 
     def bad(k: int) -> bool:
         try:
-            run = optimize(model, passes[:k], data=data, shapes=shapes, calibration=calibration, verify="off")
+            run = optimize(model, passes[:k], data=data, shapes=shapes, calibration=calibration, verify="off",
+                           metric=metric)
         except PassError:
             return True
         bounds = make_bounds(run.report.accuracy, None, base, max_accuracy_drop, min_cosine, None)

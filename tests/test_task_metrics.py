@@ -120,3 +120,12 @@ def test_readme_user_metric_snippet_runs(tmp_path):
     ref = {"y": np.eye(4, dtype=np.float32)}
     assert function(ref, ref, None) == 100.0
     assert function({"y": np.eye(4, dtype=np.float32)[::-1]}, ref, None) == 0.0
+
+
+def test_optimize_check_applies_the_bound_to_the_metric(capsys):
+    code = main(["check", str(DIGITS / "model.onnx"), "--preset", "int8", "--calib", str(DIGITS / "calib.npz"),
+                 "--data", str(DIGITS / "eval.npz"), "--max-accuracy-drop", "1.0", "--metric", "argmax-agreement",
+                 "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["ok"]
+    assert any("argmax-agreement" in b["name"] for b in result["bounds"]), result["bounds"]
