@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="shape for a dynamic input, e.g. input:1x3x224x224 (or name:min/opt/max); repeatable",
     )
     precision = parser.add_argument_group("precision (appended to the pipeline)")
-    precision.add_argument("--int8", action="store_true", help="quantize to INT8 with explicit Q/DQ (quantize-int8)")
-    precision.add_argument("--fp16", action="store_true", help="convert to FP16 where safe (convert-fp16)")
+    precision.add_argument("--int8", action="store_true", help="quantize to INT8 with explicit Q/DQ, per-channel weights")
+    precision.add_argument("--fp16", action="store_true", help="convert to FP16 where safe")
     precision.add_argument("--calib", metavar="DATA",
                            help="calibration data (.npz, .npy, a folder of .npy files or of images) for INT8 ranges, "
                                 "FP16 activation ranges and pruning's bias compensation")
@@ -334,7 +334,8 @@ def _run(args: argparse.Namespace) -> int:
     steps = pipeline_from_args(args)
     passes = [type(p) for p in iter_passes(steps)]
     if args.calib_cache and not any(p.calibrates_ranges for p in passes):
-        print("optimize: error: --calib-cache needs --int8 (or a pipeline with quantize-int8)", file=sys.stderr)
+        print("optimize: error: --calib-cache needs --int8 (or a pipeline with a pass that calibrates activation ranges)",
+              file=sys.stderr)
         return 2
     if args.calib and not any(p.uses_calibration for p in passes):
         users = ", ".join(name for name, cls in available_passes().items() if cls.uses_calibration)

@@ -31,7 +31,6 @@ KEYS = ("schema", "tool_version", "model", "inputs", "outputs", "ops", "paramete
         "dry_run", "int8", "tensorrt", "warnings", "time_s")
 #: Synthetic samples the INT8/FP16 dry runs take their ranges from.
 DRY_RUN_SAMPLES = 2
-INT8_DRY_RUN = "quantize-int8(method=minmax,bias_correction=off)"
 RANGES_NOTE = (f"ranges from minmax on {DRY_RUN_SAMPLES} SYNTHETIC samples (uniform [-1, 1)) at the resolved shapes: "
                "placement is what optimize --int8/--fp16 does, scales and accuracy are not")
 
@@ -218,7 +217,10 @@ def float_layers(model: onnx.ModelProto) -> list[dict]:
 
 
 def _int8_summary(entry: dict, before_quantize: onnx.ModelProto | None) -> dict:
-    record = next((p for p in entry["passes"] if p["name"] == "quantize-int8"), None) if entry else None
+    from optimizer.registry import available_passes
+
+    calibrating = {name for name, cls in available_passes().items() if cls.calibrates_ranges}
+    record = next((p for p in entry["passes"] if p["name"] in calibrating), None) if entry else None
     stats = record["stats"] if record else {}
     summary = {
         "quantized_layers": int(stats.get("quantized_nodes", 0)) if record and record["changed"] else 0,
@@ -240,7 +242,7 @@ def _int8_summary(entry: dict, before_quantize: onnx.ModelProto | None) -> dict:
 
 def dry_runs(model: onnx.ModelProto, shapes: dict | None) -> tuple[dict, dict, list[str]]:
     """``(dry_run, int8, warnings)``: the default pipeline, then what ``--int8`` and ``--fp16`` append."""
-    from optimizer.pipeline import PRESETS
+    from optimizer.pipeline import DRY_RUN_STEPS, PRESETS
 
     warnings: list[str] = []
     default, optimized = _dry_run(model, PRESETS["default"], _context(None),
@@ -252,8 +254,9 @@ def dry_runs(model: onnx.ModelProto, shapes: dict | None) -> tuple[dict, dict, l
                         "(give --shapes)")
         int8["error"] = "not run: no shapes under which the model runs"
         return result, int8, warnings
-    opset, upgraded = _dry_run(optimized, "upgrade-opset(min=13)", _context(shapes))
-    quant, _ = _dry_run(upgraded, INT8_DRY_RUN, _context(shapes), RANGES_NOTE)
+    upgrade, quantize = DRY_RUN_STEPS["int8"]
+    opset, upgraded = _dry_run(optimized, upgrade, _context(shapes))
+    quant, _ = _dry_run(upgraded, quantize, _context(shapes), RANGES_NOTE)
     quant["passes"] = opset["passes"] + quant["passes"]
     quant["nodes"]["before"] = opset["nodes"]["before"]
     quant["time_s"] = round(opset["time_s"] + quant["time_s"], 4)
@@ -261,7 +264,8 @@ def dry_runs(model: onnx.ModelProto, shapes: dict | None) -> tuple[dict, dict, l
     quant["note"] = "after the default pipeline; " + RANGES_NOTE
     result["int8"] = quant
     int8 = _int8_summary(quant, upgraded)
-    fp16, _ = _dry_run(optimized, "convert-fp16", _context(shapes), "after the default pipeline; " + RANGES_NOTE)
+    fp16, _ = _dry_run(optimized, ",".join(DRY_RUN_STEPS["fp16"]), _context(shapes),
+                       "after the default pipeline; " + RANGES_NOTE)
     fp16["pipeline"] = "default," + fp16["pipeline"]
     result["fp16"] = fp16
     return result, int8, warnings
