@@ -295,7 +295,19 @@ class QuantizeInt8(Pass):
                 save_ranges(self.range_cache, [TensorRange(n, v["amax"], v["method"], v["sqnr_db"])
                                                for n, v in ranges.items()], float_model)
         if targets and not calib_info.get("synthetic"):
-            details["bias_correction"] = self._correct_biases(graph, targets, float_model, ctx, skipped)
+            # With several candidates, the corrected model's best method may differ from the
+            # uncorrected one's: the (method, correction) pair is chosen jointly.
+            reselect = (lambda: select_method(graph, float_model, qdq, candidates, ctx)) if len(candidates) > 1 and qdq else None
+            correction = self._correct_biases(graph, targets, float_model, ctx, skipped, reselect)
+            details["bias_correction"] = correction
+            if correction.get("chosen") and correction["chosen"] != details["method_selection"]["chosen"]:
+                chosen = correction["chosen"]
+                ranges = candidates[chosen]
+                for name in details["tensors"]:
+                    details["tensors"][name] = ranges[name]
+                    _set_scale(qdq[name], ranges[name]["scale"])
+                details["method_selection"]["chosen"] = chosen
+                calib_info["method"] = f"auto: {chosen} (with bias correction)"
         stats = {
             "quantized_nodes": len(quantized_nodes),
             "quantized_activations": len(qdq),
@@ -305,9 +317,12 @@ class QuantizeInt8(Pass):
         return PassResult(changed=bool(quantized_nodes), stats=stats, details=details)
 
 
-    def _correct_biases(self, graph: gs.Graph, targets, float_model, ctx: PassContext, skipped: dict) -> dict:
+    def _correct_biases(self, graph: gs.Graph, targets, float_model, ctx: PassContext, skipped: dict,
+                        reselect=None) -> dict:
         """Fold the mean shift weight quantization causes into the biases (``passes.bias_correction``);
-        with ``bias_correction=auto`` keep it only if it scores better on the scoring samples."""
+        with ``bias_correction=auto`` keep it only if it scores better on the scoring samples --
+        with ``reselect``, the corrected model's best calibration candidate against the uncorrected
+        model's (``info["chosen"]`` names the candidate when the correction is kept)."""
         from calibration.collect import collect_channel_means
         from passes.bias_correction import apply_bias_correction, corrections_for, mean_tensors
 
@@ -326,7 +341,14 @@ class QuantizeInt8(Pass):
         applied = apply_bias_correction(graph, corrections, skipped)
         info = {"applied": applied, "kept": True, "mode": self.bias_correction}
         if before is not None and applied:
-            after = score_model(_graph_model(graph), float_model, ctx)
+            if reselect is not None:
+                chosen, table, _ = reselect()
+                row = next(r for r in table if r["method"] == chosen)
+                after = (row["score"], row["sqnr_db"])
+                before = (round(before[0], 3), round(before[1], 3))  # the table's rounding
+                info.update(chosen=chosen, candidates_on=table)
+            else:
+                after = score_model(_graph_model(graph), float_model, ctx)
             info.update(score_off=round(before[0], 3), score_on=round(after[0], 3),
                         sqnr_off=round(before[1], 3), sqnr_on=round(after[1], 3))
             if after <= before:  # no measurable gain: undo
@@ -335,6 +357,7 @@ class QuantizeInt8(Pass):
                 for constant, values in saved_values:
                     constant.values = values
                 info["kept"] = False
+                info.pop("chosen", None)
         return info
 
 
