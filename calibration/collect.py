@@ -35,6 +35,7 @@ import onnx
 
 from calibration.sources import (
     CalibrationSource,
+    batch_len,
     effective_batch_size,
     is_fixed_batch,
     open_source,
@@ -333,7 +334,7 @@ def _stream(model, plan, source, specs, batch_size: int, max_samples: int | None
     advance = progress(label, total) if progress is not None else (lambda n=1: None)
     seen = 0
     for feeds in source.batches(specs, batch_size):
-        n = _batch_len(feeds)
+        n = batch_len(feeds)
         if max_samples is not None and seen + n > max_samples:
             keep = max_samples - seen
             if keep <= 0 or is_fixed_batch(specs):
@@ -344,13 +345,6 @@ def _stream(model, plan, source, specs, batch_size: int, max_samples: int | None
         yield feeds, outputs, n
         seen += n
         advance(n)
-
-
-def _batch_len(feeds: dict[str, np.ndarray]) -> int:
-    for value in feeds.values():
-        if value.ndim:
-            return int(value.shape[0])
-    return 1
 
 
 # ---------------------------------------------------------------------------------------------

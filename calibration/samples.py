@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 
 from calibration.shapes import ShapePlan
-from calibration.sources import CalibrationSource, Feeds, SyntheticSource, effective_batch_size
+from calibration.sources import CalibrationSource, Feeds, SyntheticSource, batch_len, effective_batch_size
 from optimizer.runtime import InputSpec
 
 VERIFY_SAMPLES = 8
@@ -71,7 +71,7 @@ class SliceSource:
     def labelled_batches(self, specs: list[InputSpec], batch_size: int):
         index = 0
         for feeds, labels in labelled_batches(self.source, specs, batch_size):
-            n = _batch_len(feeds)
+            n = batch_len(feeds)
             lo, hi = max(self.start - index, 0), min(self.stop - index, n)
             index += n
             if hi > lo:
@@ -82,13 +82,6 @@ class SliceSource:
     def batches(self, specs: list[InputSpec], batch_size: int):
         for feeds, _ in self.labelled_batches(specs, batch_size):
             yield feeds
-
-
-def _batch_len(feeds: Feeds) -> int:
-    for value in feeds.values():
-        if np.ndim(value):
-            return int(np.shape(value)[0])
-    return 1
 
 
 @dataclass
@@ -109,7 +102,7 @@ class RunSamples:
 
     @property
     def verify_samples(self) -> int:
-        return sum(_batch_len(b) for b in self.verify)
+        return sum(batch_len(b) for b in self.verify)
 
     def score_batches(self, specs: list[InputSpec], batch_size: int) -> list[Feeds]:
         """Batches for scoring search candidates: the first ``SCORE_SAMPLES`` evaluation samples
@@ -247,7 +240,7 @@ def prepare(
 
     observed = observed_shapes(first, where)
     plan = resolve_shapes(model, specs, given, observed, try_run)
-    if not plan.runs and first is not None and size > 1 and _batch_len(first) > 1:
+    if not plan.runs and first is not None and size > 1 and batch_len(first) > 1:
         single = {k: v[:1] for k, v in first.items()}
         retry = resolve_shapes(model, specs, given, observed_shapes(single, where), lambda s: try_run(s, single))
         if retry.runs:

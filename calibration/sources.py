@@ -86,6 +86,14 @@ def effective_batch_size(specs: list[InputSpec], requested: int) -> int:
     return int(requested)
 
 
+def batch_len(feeds: Feeds) -> int:
+    """Samples in one batch: the first axis of its first array with one (1 if all are scalars)."""
+    for value in feeds.values():
+        if np.ndim(value):
+            return int(np.shape(value)[0])
+    return 1
+
+
 def is_fixed_batch(specs: list[InputSpec]) -> bool:
     return any(s.shape and isinstance(s.shape[0], int) for s in specs)
 

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 
 from calibration.data import ShapeSpec
+from calibration.sources import batch_len
 from optimizer.metrics import OutputAccumulator, OutputMetrics
 from optimizer.runtime import InputSpec, OrtRunner, input_specs, run_like
 from optimizer.task_metrics import MetricAccumulator, MetricScore, load_metric
@@ -103,7 +104,7 @@ def evaluate(
             correct_ref += int(np.count_nonzero(ref_top == labels))
             correct_new += int(np.count_nonzero(new_top == labels))
             labelled += rows
-        batch = next(iter(feeds.values())).shape[0] if feeds and next(iter(feeds.values())).ndim else 1
+        batch = batch_len(feeds)
         if scorer is not None:
             scorer.update(new, ref, labels, batch)
         report.samples += batch

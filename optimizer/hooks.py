@@ -8,6 +8,7 @@ import time
 import numpy as np
 import onnx
 
+from calibration.sources import batch_len
 from optimizer.errors import InputError, VerificationError
 import optimizer.io as model_io
 from optimizer.events import Hook, PassEvent
@@ -121,7 +122,7 @@ class VerifyHook(Hook):
         from optimizer.noise import estimate_noise
 
         self.noise = estimate_noise(model, batches, self.reference)
-        samples = sum(next(iter(b.values())).shape[0] if b and next(iter(b.values())).ndim else 1 for b in batches)
+        samples = sum(batch_len(b) for b in batches)
         self.info = {
             "samples": samples,
             "batches": len(batches),

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from calibration.sources import batch_len
 from optimizer.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -289,7 +290,7 @@ def comparison_batches(data, specs, example: tuple | None, input_names: list[str
 
         source = open_source(data, specs)
         batches = list(SliceSource(source, 0, TORCH_SAMPLES).batches(specs, effective_batch_size(specs, TORCH_SAMPLES)))
-        n = sum(next(iter(b.values())).shape[0] for b in batches if b)
+        n = sum(batch_len(b) for b in batches if b)
         return batches, f"the first {n} sample(s) of {source.description}"
     from calibration.torch_data import to_numpy
 
@@ -332,7 +333,7 @@ def torch_section(exported: Exported, call, batches, source: str, input_names, e
                   warnings_out: list[str]) -> dict:
     """The report's ``torch`` section (``compare_with_torch`` plus which exporter and inputs)."""
     section = {"exporter": exported.exporter, "fallback_reason": exported.fallback_reason,
-               "inputs": source, "samples": sum(next(iter(b.values())).shape[0] for b in batches if b),
+               "inputs": source, "samples": sum(batch_len(b) for b in batches if b),
                "vs_exported": None, "vs_optimized": None, "exporter_agrees": None, "error": None}
     try:
         section.update(compare_with_torch(call, batches, input_names, exported_model, optimized_model))

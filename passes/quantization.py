@@ -19,6 +19,7 @@ from typing import Callable, Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from calibration.sources import batch_len
 from optimizer.errors import InputError
 from optimizer.pass_base import Pass, PassContext, PassResult, Tolerance
 from optimizer.pass_base import register_pass
@@ -526,7 +527,7 @@ def select_method(graph: gs.Graph, float_model, qdq: dict[str, gs.Variable], can
 
 def _metric_score(metric, outputs: list[dict], reference: list[dict], batches: list[dict]) -> float | None:
     """The task metric over the scoring batches (sample-weighted), or None if it needs labels."""
-    sizes = [next(iter(b.values())).shape[0] if b and next(iter(b.values())).ndim else 1 for b in batches]
+    sizes = [batch_len(b) for b in batches]
     try:
         return float(np.average([metric(o, r, None) for o, r in zip(outputs, reference)], weights=sizes))
     except InputError:
@@ -541,7 +542,7 @@ def _scoring_batches(ctx: PassContext, float_model):
     if ctx.score_batches or ctx.verify_batches:
         adapt = ctx.feed_adapter or (lambda feeds: feeds)
         batches = [adapt(b) for b in (ctx.score_batches or ctx.verify_batches)]
-        n = sum(next(iter(b.values())).shape[0] if b and next(iter(b.values())).ndim else 1 for b in batches)
+        n = sum(batch_len(b) for b in batches)
         return batches, f"{n} evaluation sample(s)" if ctx.score_batches else f"{n} verification sample(s)"
     source = _source_for(float_model, ctx, ctx.calibration)
     first = next(iter(source.batches(ctx.original_inputs or input_specs(float_model), 8)), None)
