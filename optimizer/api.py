@@ -227,7 +227,8 @@ def write_trt_calibration_cache(report: Report, path: str | os.PathLike) -> Path
 
     calibrating = {name for name, cls in available_passes().items() if cls.calibrates_ranges}
     for record in report.passes:
-        if record.name in calibrating and record.changed and not record.rolled_back:
+        # TensorRT's calibration cache holds INT8 scales only (FP8 ranges are explicit Q/DQ)
+        if record.name in calibrating and record.changed and not record.rolled_back and record.details.get("format", "int8") == "int8":
             for name, info in record.details.get("tensors", {}).items():
                 ranges[name] = TensorRange(name, float(info["amax"]), str(info["method"]))
     if not ranges:

@@ -55,12 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     precision = parser.add_argument_group("precision (appended to the pipeline)")
     precision.add_argument("--int8", action="store_true", help="quantize to INT8 with explicit Q/DQ, per-channel weights")
     precision.add_argument("--fp16", action="store_true", help="convert to FP16 where safe")
+    precision.add_argument("--fp8", action="store_true",
+                           help="quantize to FP8 (E4M3) with explicit Q/DQ, per-channel weights (opset 19; Ada/Hopper/Blackwell)")
     precision.add_argument("--calib", metavar="DATA",
                            help="calibration data (.npz, .npy, a folder of .npy files or of images) for INT8 ranges, "
                                 "FP16 activation ranges and pruning's bias compensation")
     precision.add_argument("--calib-method", default="auto",
                            choices=("auto", "minmax", "percentile", "entropy", "mse", "sqnr"),
-                           help="range method for --int8 (default auto: every method is tried and the one whose "
+                           help="range method for --int8/--fp8 (default auto: every method is tried and the one whose "
                                 "model agrees best with the float model on held-out samples is kept)")
     precision.add_argument("--metric", metavar="NAME|module:function",
                            help="task metric in points, higher is better: top1, top5, argmax-agreement, cosine, sqnr, or "
@@ -289,7 +291,7 @@ def pipeline_from_args(args: argparse.Namespace):
     base = args.passes if args.passes is not None else PRESETS[args.preset or "default"]
     present = list(iter_passes(parse_pipeline(base)))
     flags = {type(p).precision_flag for p in present}
-    wanted = [flag for flag in ("int8", "fp16") if getattr(args, flag) and flag not in flags]
+    wanted = [flag for flag in PRECISION_STEPS if getattr(args, flag, False) and flag not in flags]
     names = {p.name for p in present}
     # a flag's steps that the pipeline already has (e.g. its own upgrade-opset) are not added twice
     extra = [q for flag in wanted for q in parse_pipeline(PRECISION_STEPS[flag]) if q.name not in names]
@@ -303,7 +305,7 @@ def pipeline_from_args(args: argparse.Namespace):
         """Flag overrides through ``dataclasses.replace``, so each pass's option checks run again."""
         changes = {}
         if type(p).calibrates_ranges:
-            if args.int8 or args.calib_method != "auto":
+            if args.int8 or args.fp8 or args.calib_method != "auto":
                 changes["method"] = args.calib_method
             if args.range_cache:
                 changes["range_cache"] = args.range_cache
@@ -339,7 +341,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     if args.calib and not any(p.uses_calibration for p in passes):
         users = ", ".join(name for name, cls in available_passes().items() if cls.uses_calibration)
-        print(f"optimize: error: --calib needs --int8, --fp16 or a pipeline with a pass that calibrates ({users})",
+        print(f"optimize: error: --calib needs --int8, --fp8, --fp16 or a pipeline with a pass that calibrates ({users})",
               file=sys.stderr)
         return 2
     result = optimize(

@@ -31,12 +31,17 @@ PRESETS: dict[str, str] = {
         "fuse-conv-bn,fuse-affine,fuse-matmul-add,fuse-gemm-transpose,fuse-pad,fuse-layernorm,fuse-gelu,cse)"
     ),
 }
-#: What each precision flag appends (``--int8``, ``--fp16``); upgrade-opset first: per-channel INT8
-#: weights need opset 13 (a no-op on newer models).
-PRECISION_STEPS = {"int8": "upgrade-opset(min=13),quantize-int8", "fp16": "convert-fp16"}
+#: What each precision flag appends (``--int8``, ``--fp8``, ``--fp16`` ...); upgrade-opset first: per-channel INT8
+#: weights need opset 13, FP8 Q/DQ opset 19 (a no-op on newer models).
+PRECISION_STEPS = {
+    "int8": "upgrade-opset(min=13),quantize-int8",
+    "fp8": "upgrade-opset(min=19),quantize-fp8",
+    "fp16": "convert-fp16",
+}
 #: What ``optimize inspect`` dry-runs after the default pipeline for each precision flag: the same
 #: passes, with ranges that need no evaluation (minmax on synthetic samples, no bias correction).
 DRY_RUN_STEPS = {"int8": ("upgrade-opset(min=13)", "quantize-int8(method=minmax,bias_correction=off)"),
+                 "fp8": ("upgrade-opset(min=19)", "quantize-fp8(method=minmax)"),
                  "fp16": ("convert-fp16",)}
 PRESETS["fp16"] = PRESETS["default"] + "," + PRECISION_STEPS["fp16"]
 PRESETS["int8"] = PRESETS["default"] + ",upgrade-opset,quantize-int8"

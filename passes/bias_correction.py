@@ -32,7 +32,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from passes.graph_utils import constant_values, is_graph_output, unique_name
-from passes.quantization import quantize_weight
+from passes.quant_formats import quantize_weight
 
 SUPPORTED_OPS = ("Conv", "Gemm", "MatMul")
 

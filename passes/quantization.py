@@ -1,4 +1,5 @@
-"""INT8 quantization with explicit Q/DQ nodes, placed the way TensorRT fuses them.
+"""INT8 (and, through ``passes.quantize_fp8``, FP8) quantization with explicit Q/DQ nodes,
+placed the way TensorRT fuses them.
 
 The output is the form TensorRT 10/11 builds directly (strongly typed, explicit precision) and
 ONNX Runtime runs on the CPU: weights stored as INT8 initializers behind ``DequantizeLinear``
@@ -14,21 +15,31 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable, ClassVar, Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from calibration.sources import batch_len
-from optimizer.errors import InputError
 from optimizer.pass_base import Pass, PassContext, PassResult, Tolerance
 from optimizer.pass_base import register_pass
+from passes.bias_correction import apply_bias_correction, correction_targets, corrections_for, mean_tensors
 from passes.graph_utils import constant_values, is_default_domain, unique_name
 from passes.match import producer
+from passes.quant_formats import INT8, QuantFormat, dequantize, quantize_weight
+from passes.quant_search import (
+    AUTO_CANDIDATES,
+    METHOD_CHOICES,
+    _graph_model,
+    _set_scale,
+    _source_for,
+    calibrate,
+    score_model,
+    select_method,
+)
 
 log = logging.getLogger(__name__)
 
-INT8_MAX = 127
+__all__ = ["AUTO_CANDIDATES", "HANDLERS", "PlacementOptions", "QuantizeInt8", "find_sites", "quantize_weight"]
 #: Calibration samples the bias correction's per-channel means are taken over (means converge fast).
 BIAS_SAMPLES = 128
 
@@ -48,6 +59,10 @@ class PlacementOptions:
     min_weight_elements: int
     quantize_pooling: bool
     quantize_residual: bool
+    #: both inputs of MatMuls of two activations (attention's Q.K^T and P.V): FP8 only
+    quantize_attention: bool = False
+    #: ``(node, weight) -> reason or None``: a format's own rule for layers it cannot run (FP8)
+    layer_filter: Callable[[gs.Node, np.ndarray], str | None] | None = None
 
 
 def _weight_axis(node: gs.Node, weight: np.ndarray) -> int | None:
@@ -69,6 +84,8 @@ def _weighted(node: gs.Node, opts: PlacementOptions, skip: Callable[[str], None]
         return []
     weight = constant_values(node.inputs[1])
     if weight is None:
+        if node.op == "MatMul" and opts.quantize_attention:
+            return [QuantSite(node, 0, "activation"), QuantSite(node, 1, "activation")]
         if node.op == "MatMul":
             skip("matmul_without_constant_weight")  # attention scores, attn x V: kept in float
         else:
@@ -85,6 +102,10 @@ def _weighted(node: gs.Node, opts: PlacementOptions, skip: Callable[[str], None]
         return []
     if constant_values(node.inputs[0]) is not None:
         skip("constant_input")
+        return []
+    reason = opts.layer_filter(node, weight) if opts.layer_filter is not None else None
+    if reason is not None:
+        skip(reason)
         return []
     return [QuantSite(node, 0, "activation"), QuantSite(node, 1, "weight", _weight_axis(node, weight))]
 
@@ -120,24 +141,6 @@ HANDLERS: dict[str, Callable[[gs.Node, PlacementOptions, Callable[[str], None]],
     "AveragePool": _pooling,
     "GlobalAveragePool": _pooling,
 }
-
-
-def quantize_weight(weight: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric INT8: per-channel (``axis``) or per-tensor scales; returns (int8 values, scales)."""
-    w = weight.astype(np.float64)
-    if axis is None:
-        amax = np.asarray(np.abs(w).max())
-        scale_b = np.maximum(amax, 1e-12) / INT8_MAX
-        scale = np.asarray(scale_b, np.float32)
-    else:
-        reduce_axes = tuple(i for i in range(w.ndim) if i != axis)
-        amax = np.abs(w).max(axis=reduce_axes)
-        scale = (np.maximum(amax, 1e-12) / INT8_MAX).astype(np.float32)
-        shape = [1] * w.ndim
-        shape[axis] = -1
-        scale_b = scale.astype(np.float64).reshape(shape)
-    q = np.clip(np.round(w / scale_b), -INT8_MAX, INT8_MAX).astype(np.int8)
-    return q, scale
 
 
 def find_sites(graph: gs.Graph, opts: PlacementOptions) -> tuple[list[QuantSite], dict[str, int]]:
@@ -222,23 +225,34 @@ class QuantizeInt8(Pass):
     range_cache: str = ""
     bias_correction: str = "auto"
 
+    #: the stored number format (``passes.quant_formats``)
+    number_format: ClassVar[QuantFormat] = INT8
+    #: the ``method`` values, and the (label, range method, percentile) candidates ``auto`` tries
+    method_choices: ClassVar[tuple[str, ...]] = METHOD_CHOICES
+    auto_candidates: ClassVar[tuple] = AUTO_CANDIDATES
+    bias_correction_choices: ClassVar[tuple[str, ...]] = ("auto", "on", "off")
+
     def __post_init__(self):
-        if self.bias_correction not in ("auto", "on", "off"):
-            raise ValueError(f"bias_correction must be auto, on or off; got {self.bias_correction!r}")
-        if self.method not in METHOD_CHOICES:
-            raise ValueError(f"method must be one of {', '.join(METHOD_CHOICES)}; got {self.method!r}")
+        if self.bias_correction not in self.bias_correction_choices:
+            raise ValueError(f"bias_correction must be {' or '.join(self.bias_correction_choices)}; got {self.bias_correction!r}")
+        if self.method not in self.method_choices:
+            raise ValueError(f"method must be one of {', '.join(self.method_choices)}; got {self.method!r}")
+
+    def placement(self) -> PlacementOptions:
+        return PlacementOptions(self.min_weight_elements, self.pooling, self.residual)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        fmt = self.number_format
         opset = int(graph.opset or ctx.opset or 0)
-        if opset < 10:  # QuantizeLinear/DequantizeLinear exist from opset 10
-            return PassResult(False, stats={"skipped_opset_below_10": 1})
-        opts = PlacementOptions(self.min_weight_elements, self.pooling, self.residual)
-        sites, skipped = find_sites(graph, opts)
-        if opset < 13:  # per-channel DequantizeLinear (axis) exists from opset 13: per-tensor weights
+        if opset < fmt.min_opset:  # the opset whose QuantizeLinear/DequantizeLinear take this type
+            return PassResult(False, stats={f"skipped_opset_below_{fmt.min_opset}": 1})
+        sites, skipped = find_sites(graph, self.placement())
+        if opset < fmt.per_channel_opset:  # no per-channel DequantizeLinear (axis) yet: per-tensor weights
+            reason = f"per_tensor_weights_opset_below_{fmt.per_channel_opset}"
             for site in sites:
                 if site.kind == "weight" and site.axis is not None:
                     site.axis = None
-                    skipped["per_tensor_weights_opset_below_13"] = skipped.get("per_tensor_weights_opset_below_13", 0) + 1
+                    skipped[reason] = skipped.get(reason, 0) + 1
         excluded = set(self.exclude)
         if excluded:
             kept = [s for s in sites if s.node.name not in excluded]
@@ -248,18 +262,18 @@ class QuantizeInt8(Pass):
             return PassResult(False, stats={f"skipped_{k}": v for k, v in skipped.items()})
         activations = sorted({s.node.inputs[s.index].name for s in sites if s.kind == "activation"})
         float_model = _graph_model(graph) if (self.method == "auto" or self.bias_correction == "auto") else None
-        from passes.bias_correction import correction_targets  # it imports quantize_weight from here
-
         targets = correction_targets([s for s in sites if s.kind == "weight"]) if self.bias_correction != "off" else []
-        candidates, calib_info = calibrate(graph, activations, ctx, self.method, self.percentile, self.range_cache)
+        candidates, calib_info = calibrate(graph, activations, ctx, self.method, self.percentile, self.range_cache,
+                                           self.auto_candidates, fmt.qmax)
         ranges = next(iter(candidates.values()))
-        details: dict = {"calibration": calib_info, "tensors": {}, "weights": {}, "nodes": [], "layers": {}}
+        details: dict = {"format": fmt.name, "calibration": calib_info, "tensors": {}, "weights": {}, "nodes": [], "layers": {}}
         qdq: dict[str, gs.Variable] = {}
         weights: dict[tuple[str, int | None], gs.Variable] = {}
         quantized_nodes: set[int] = set()
         for site in sites:
             tensor = site.node.inputs[site.index]
-            layer = details["layers"].setdefault(site.node.name, {"op": site.node.op, "activations": [], "weight": None})
+            layer = details["layers"].setdefault(site.node.name, {"op": site.node.op, "precision": fmt.name,
+                                                                       "activations": [], "weight": None})
             if site.kind == "activation":
                 layer["activations"].append(tensor.name)
             else:
@@ -269,13 +283,13 @@ class QuantizeInt8(Pass):
                     skipped["no_range"] = skipped.get("no_range", 0) + 1
                     continue
                 if tensor.name not in qdq:
-                    qdq[tensor.name] = _insert_qdq(graph, tensor, ranges[tensor.name]["scale"])
+                    qdq[tensor.name] = _insert_qdq(graph, tensor, ranges[tensor.name]["scale"], fmt)
                     details["tensors"][tensor.name] = ranges[tensor.name]
                 site.node.inputs[site.index] = qdq[tensor.name]
             else:
                 key = (tensor.name, site.axis)
                 if key not in weights:
-                    weights[key], info = _dequantized_weight(graph, tensor, site.axis)
+                    weights[key], info = _dequantized_weight(graph, tensor, site.axis, fmt)
                     details["weights"][tensor.name] = info
                 site.node.inputs[site.index] = weights[key]
             if id(site.node) not in quantized_nodes:
@@ -325,7 +339,6 @@ class QuantizeInt8(Pass):
         with ``reselect``, the corrected model's best calibration candidate against the uncorrected
         model's (``info["chosen"]`` names the candidate when the correction is kept)."""
         from calibration.collect import collect_channel_means
-        from passes.bias_correction import apply_bias_correction, corrections_for, mean_tensors
 
         axes = mean_tensors(targets)
         model = float_model if float_model is not None else _graph_model(graph)
@@ -362,61 +375,29 @@ class QuantizeInt8(Pass):
         return info
 
 
-def score_model(model, float_model, ctx: PassContext) -> tuple[float, float]:
-    """``(score, output SQNR in dB)`` of ``model`` against ``float_model`` on the scoring samples:
-    the task metric when given, else the argmax agreement of the first output (else the SQNR)."""
-    from optimizer.metrics import compare_batches
-    from optimizer.runtime import OrtRunner
-
-    batches, _ = _scoring_batches(ctx, float_model)
-    reference = [OrtRunner(float_model).run(b) for b in batches]
-    runner = OrtRunner(model)
-    outputs = [runner.run(b) for b in batches]
-    return _score(compare_batches(reference, outputs), outputs, reference, batches, ctx)[:2]
-
-
-def _score(metrics, outputs, reference, batches, ctx: PassContext) -> tuple[float, float, str]:
-    metrics = [m for m in metrics if m.cosine is not None]
-    sqnr = float(np.mean([_balanced(m) for m in metrics])) if metrics else 0.0
-    score = _metric_score(ctx.metric, outputs, reference, batches) if ctx.metric is not None else None
-    if score is not None:
-        return score, sqnr, "metric"
-    # no metric, or one that needs labels (the scoring samples have none): the report's headline
-    # agreement (argmax of the first output), ties broken by SQNR
-    first = metrics[0] if metrics else None
-    if first is not None and first.argmax_agreement is not None:
-        return 100.0 * first.argmax_agreement, sqnr, "argmax_agreement"
-    return sqnr, sqnr, "sqnr_db"
-
-
-def _balanced(m) -> float:
-    """The output's scale-balanced SQNR (per slice of axis 1), else its plain SQNR."""
-    return m.balanced_sqnr_db if m.balanced_sqnr_db is not None else m.sqnr_db
-
-
-def _insert_qdq(graph: gs.Graph, tensor: gs.Tensor, scale: float) -> gs.Variable:
+def _insert_qdq(graph: gs.Graph, tensor: gs.Tensor, scale: float, fmt: QuantFormat) -> gs.Variable:
     base = tensor.name
     scale = max(float(scale), 1e-12)  # an all-zero tensor still needs a positive scale
     s = gs.Constant(unique_name(graph, f"{base}_scale"), np.asarray(scale, np.float32))
-    zp = gs.Constant(unique_name(graph, f"{base}_zero_point"), np.asarray(0, np.int8))
-    q_out = gs.Variable(unique_name(graph, f"{base}_quantized"), dtype=np.int8, shape=tensor.shape)
+    zp = gs.Constant(unique_name(graph, f"{base}_zero_point"), fmt.zero_point())
+    q_out = gs.Variable(unique_name(graph, f"{base}_quantized"), dtype=fmt.storage, shape=tensor.shape)
     dq_out = gs.Variable(unique_name(graph, f"{base}_dequantized"), dtype=np.float32, shape=tensor.shape)
     graph.nodes.append(gs.Node("QuantizeLinear", unique_name(graph, f"{base}_QuantizeLinear"), inputs=[tensor, s, zp], outputs=[q_out]))
     graph.nodes.append(gs.Node("DequantizeLinear", unique_name(graph, f"{base}_DequantizeLinear"), inputs=[q_out, s, zp], outputs=[dq_out]))
     return dq_out
 
 
-def _dequantized_weight(graph: gs.Graph, tensor: gs.Tensor, axis: int | None) -> tuple[gs.Variable, dict]:
+def _dequantized_weight(graph: gs.Graph, tensor: gs.Tensor, axis: int | None, fmt: QuantFormat) -> tuple[gs.Variable, dict]:
     weight = constant_values(tensor)
-    q, scale = quantize_weight(weight, axis)
+    q, scale = quantize_weight(weight, axis, fmt)
     base = tensor.name
-    q_const = gs.Constant(unique_name(graph, f"{base}_int8"), q)
+    q_const = gs.Constant(unique_name(graph, f"{base}_{fmt.name}"), q)
     s_const = gs.Constant(unique_name(graph, f"{base}_scale"), scale)
     out = gs.Variable(unique_name(graph, f"{base}_dequantized"), dtype=np.float32, shape=list(weight.shape))
     attrs = {"axis": axis} if axis is not None else {}
-    # No zero point: it defaults to 0 of the input's type (int8), saving an initializer.
+    # No zero point: it defaults to 0 of the input's type (int8, float8e4m3fn), saving an initializer.
     graph.nodes.append(gs.Node("DequantizeLinear", unique_name(graph, f"{base}_DequantizeLinear"), attrs=attrs, inputs=[q_const, s_const], outputs=[out]))
-    restored = q.astype(np.float64) * (scale.reshape([-1 if i == axis else 1 for i in range(weight.ndim)]) if axis is not None else scale)
+    restored = dequantize(q, scale, axis)
     err = weight.astype(np.float64) - restored
     signal = float(np.sum(weight.astype(np.float64) ** 2))
     noise = float(np.sum(err**2))
@@ -425,253 +406,3 @@ def _dequantized_weight(graph: gs.Graph, tensor: gs.Tensor, axis: int | None) ->
     return out, info
 
 
-#: ``method`` values of ``quantize-int8``; ``auto`` selects among ``AUTO_CANDIDATES`` end to end.
-METHOD_CHOICES = ("auto", "minmax", "percentile", "entropy", "mse", "sqnr")
-#: (label, range method, percentile) tried by ``method=auto``, in order (the first wins ties).
-AUTO_CANDIDATES = (
-    ("minmax", "minmax", None),
-    ("percentile-99.9", "percentile", 99.9),
-    ("percentile-99.99", "percentile", 99.99),
-    ("percentile-99.999", "percentile", 99.999),
-    ("entropy", "entropy", None),
-    ("mse", "mse", None),
-    ("sqnr", "sqnr", None),
-)
-
-
-def calibrate(graph: gs.Graph, tensors: list[str], ctx: PassContext, method: str, percentile: float, cache: str = ""):
-    """Ranges for ``tensors`` on the context's calibration data (synthetic if none), or from a
-    JSON range cache made for this graph structure.
-
-    Returns ``({candidate label: {name: {"amax", "scale", "method", "sqnr_db"}}}, info)``: one
-    candidate for a fixed method or a cache, every ``AUTO_CANDIDATES`` entry for ``auto`` --
-    from one collection of statistics.
-    """
-    from pathlib import Path
-
-    from calibration import collect
-    from calibration import ranges as range_methods
-    from calibration.cache import load_ranges, save_ranges
-
-    model = _graph_model(graph)
-    if cache and Path(cache).is_file():
-        cached = load_ranges(cache, model)  # refuses a cache made for another graph structure
-        if all(t in cached for t in tensors):
-            result = {t: {"amax": float(cached[t].amax), "scale": float(cached[t].scale), "method": cached[t].method,
-                          "sqnr_db": _round(cached[t].sqnr_db)} for t in tensors}
-            info = {"source": f"range cache {cache}", "synthetic": False, "samples": 0, "method": "cache", "skipped": {}}
-            return {"cache": result}, info
-    source = _source_for(model, ctx, ctx.calibration)
-    stats = collect.collect_statistics(model, tensors, source, progress=ctx.progress)
-    plan = AUTO_CANDIDATES if method == "auto" else ((method, method, percentile),)
-    candidates: dict[str, dict] = {}
-    for label, range_method, pct in plan:
-        result = {}
-        for name, st in stats.items():
-            r = range_methods.compute_range(st, range_method, percentile=pct if pct is not None else percentile)
-            result[name] = {"amax": float(r.amax), "scale": float(r.scale), "method": label, "sqnr_db": _round(r.sqnr_db)}
-        candidates[label] = result
-    if cache and not stats.synthetic and method != "auto":
-        save_ranges(cache, [range_methods.TensorRange(n, v["amax"], v["method"], v["sqnr_db"])
-                            for n, v in candidates[method].items()], model)
-    info = {
-        "source": stats.source,
-        "synthetic": bool(stats.synthetic),
-        "samples": int(stats.samples),
-        "method": method,
-        "skipped": dict(stats.skipped),
-    }
-    missing = [t for t in tensors if t not in stats]
-    if missing:
-        log.info("no calibration statistics for %d tensor(s): %s", len(missing), ", ".join(missing[:5]))
-    if not stats and tensors:
-        raise InputError("calibration produced no ranges; check the calibration data")
-    return candidates, info
-
-
-def select_method(graph: gs.Graph, float_model, qdq: dict[str, gs.Variable], candidates: dict[str, dict], ctx: PassContext):
-    """Score every candidate's scales end to end: the quantized model (scales swapped in) against
-    the float model, mean output SQNR in dB, on the verification samples. Returns
-    ``(chosen label, table, description of the samples)``."""
-    import time
-
-    import onnx
-    from onnx import numpy_helper
-
-    from optimizer.metrics import compare_batches
-    from optimizer.runtime import OrtRunner
-
-    batches, scored_on = _scoring_batches(ctx, float_model)
-    reference = [OrtRunner(float_model).run(b) for b in batches]
-    quantized = _graph_model(graph)
-    scale_names = {name: _scale_constant(dq).name for name, dq in qdq.items()}
-    index = {init.name: i for i, init in enumerate(quantized.graph.initializer)}
-    table = []
-    for label, ranges in candidates.items():
-        start = time.perf_counter()
-        model = onnx.ModelProto()
-        model.CopyFrom(quantized)
-        for tensor, init_name in scale_names.items():
-            scale = np.asarray(max(float(ranges[tensor]["scale"]), 1e-12), np.float32)
-            model.graph.initializer[index[init_name]].CopyFrom(numpy_helper.from_array(scale, init_name))
-        runner = OrtRunner(model)
-        outputs = [runner.run(b) for b in batches]
-        metrics = [m for m in compare_batches(reference, outputs) if m.cosine is not None]
-        score, sqnr, kind = _score(metrics, outputs, reference, batches, ctx)
-        table.append({"method": label, "score": round(score, 3), "score_kind": kind, "sqnr_db": round(sqnr, 3),
-                      "cosine": round(min((m.cosine for m in metrics), default=1.0), 6),
-                      "time_s": round(time.perf_counter() - start, 4)})
-    best = max(table, key=lambda row: (row["score"], row["sqnr_db"]))  # ties: output SQNR, then the earliest
-    return best["method"], table, scored_on
-
-
-def _metric_score(metric, outputs: list[dict], reference: list[dict], batches: list[dict]) -> float | None:
-    """The task metric over the scoring batches (sample-weighted), or None if it needs labels."""
-    sizes = [batch_len(b) for b in batches]
-    try:
-        return float(np.average([metric(o, r, None) for o, r in zip(outputs, reference)], weights=sizes))
-    except InputError:
-        return None
-
-
-def _scoring_batches(ctx: PassContext, float_model):
-    """The scoring (else verification) batches in the current model's layout, else the first
-    calibration batch."""
-    from optimizer.runtime import input_specs
-
-    if ctx.score_batches or ctx.verify_batches:
-        adapt = ctx.feed_adapter or (lambda feeds: feeds)
-        batches = [adapt(b) for b in (ctx.score_batches or ctx.verify_batches)]
-        n = sum(batch_len(b) for b in batches)
-        return batches, f"{n} evaluation sample(s)" if ctx.score_batches else f"{n} verification sample(s)"
-    source = _source_for(float_model, ctx, ctx.calibration)
-    first = next(iter(source.batches(ctx.original_inputs or input_specs(float_model), 8)), None)
-    if first is None:
-        raise InputError("method=auto needs samples to score candidates on; give --calib or --data")
-    return [first], "the first calibration batch" + (" (synthetic)" if source.synthetic else "")
-
-
-def _scale_constant(dq_out: gs.Variable) -> gs.Constant:
-    return dq_out.inputs[0].inputs[1]
-
-
-def _set_scale(dq_out: gs.Variable, scale: float) -> None:
-    _scale_constant(dq_out).values = np.asarray(max(float(scale), 1e-12), np.float32)
-
-
-def _round(value):
-    if value is None:
-        return None
-    value = float(value)
-    return round(value, 2) if np.isfinite(value) else None
-
-
-def observe_amax(graph: gs.Graph, tensors: list[str], ctx: PassContext) -> dict[str, float]:
-    """Largest |value| of ``tensors`` on the calibration data (synthetic if the context has none)."""
-    from calibration import collect
-
-    model = _graph_model(graph)
-    data = ctx.calibration
-    if data is None and (ctx.verify_batches or ctx.reference_inputs is not None):
-        data = dict(ctx.verify_batches[0] if ctx.verify_batches else ctx.reference_inputs)
-    source = _source_for(model, ctx, data)
-    # Without real data this is a smoke check on a few synthetic samples; keep it cheap.
-    limit = None if ctx.calibration is not None else 4
-    stats = collect.collect_statistics(model, tensors, source, progress=ctx.progress, max_samples=limit)
-    return {name: float(st.amax) for name, st in stats.items()}
-
-
-def _source_for(model, ctx: PassContext, data):
-    """Calibration data for ``model``, read in the original model's layout and adapted to it."""
-    from calibration.sources import AdaptedSource, open_source
-    from optimizer.runtime import input_specs
-
-    specs = ctx.original_inputs or input_specs(model)
-    source = open_source(data, specs, shapes=ctx.input_shapes)
-    if ctx.feed_adapter is not None and ctx.original_inputs is not None:
-        source = AdaptedSource(source, ctx.original_inputs, ctx.feed_adapter)
-    return source
-
-
-def _graph_model(graph: gs.Graph):
-    """An ONNX model of ``graph`` (a copy) for running in ONNX Runtime."""
-    import onnx
-
-    from optimizer.graph import graph_to_model
-
-    template = onnx.ModelProto()
-    template.ir_version = 10
-    return graph_to_model(graph.copy(), template)
-
-
-def _scale_of(graph_node: gs.Node) -> np.ndarray | None:
-    return constant_values(graph_node.inputs[1]) if len(graph_node.inputs) > 1 else None
-
-
-@register_pass
-@dataclass
-class LintQdq(Pass):
-    """Report Q/DQ placements TensorRT cannot fuse; changes nothing.
-
-    Findings (counted in the stats, listed in the report's details):
-
-    - ``float_op_between_dq_and_layer``: a float op (Pad, Cast, Mul ...) sits between a
-      DequantizeLinear and the Conv/Gemm/MatMul it feeds, so TensorRT runs that layer in float::
-
-          DQ -> Pad -> Conv        (fold the Pad into the Conv, or move the Q/DQ below it)
-
-    - ``partially_quantized_layer``: one input of a Conv/Gemm/MatMul is dequantized, the other not;
-    - ``float_residual_input``: an Add joins a quantized Conv's output with a float tensor, so
-      TensorRT cannot fuse the Add into the Conv;
-    - ``concat_scale_mismatch``: Concat inputs come from DequantizeLinear nodes with different
-      scales (TensorRT needs equal scales to keep the Concat in INT8);
-    - ``qdq_pair_mismatch``: a QuantizeLinear feeds a DequantizeLinear with a different scale.
-    """
-
-    name = "lint-qdq"
-
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        issues: list[dict] = []
-
-        def report(kind: str, node: gs.Node, detail: str) -> None:
-            issues.append({"kind": kind, "node": node.name, "op": node.op, "detail": detail})
-
-        def is_dq(t: gs.Tensor) -> bool:
-            p = producer(t)
-            return p is not None and p.op == "DequantizeLinear"
-
-        weighted = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-        for node in graph.nodes:
-            if node.op in weighted and len(node.inputs) >= 2:
-                flags = [is_dq(node.inputs[i]) for i in (0, 1)]
-                if any(flags) and not all(flags):
-                    report("partially_quantized_layer", node, f"inputs dequantized: {flags}")
-                for i in (0, 1):
-                    p = producer(node.inputs[i])
-                    if p is not None and p.op not in ("DequantizeLinear",) and p.inputs and is_dq(p.inputs[0]):
-                        report("float_op_between_dq_and_layer", node, f"{p.op} '{p.name}' between DequantizeLinear and input {i}")
-            elif node.op == "Add" and len(node.inputs) == 2:
-                producers = [producer(t) for t in node.inputs]
-                for i, p in enumerate(producers):
-                    other = node.inputs[1 - i]
-                    if (
-                        p is not None and p.op == "Conv" and p.inputs and is_dq(p.inputs[0])
-                        and constant_values(other) is None and not is_dq(other)
-                        and not (producers[1 - i] is not None and producers[1 - i].op == "Conv")
-                    ):
-                        report("float_residual_input", node, f"input {1 - i} ('{other.name}') is float")
-                        break
-            elif node.op == "Concat":
-                scales = [_scale_of(producer(t)) for t in node.inputs if is_dq(t)]
-                if len(scales) > 1 and any(s is None or not np.array_equal(s, scales[0]) for s in scales):
-                    report("concat_scale_mismatch", node, "inputs dequantized with different scales")
-            elif node.op == "DequantizeLinear":
-                q = producer(node.inputs[0])
-                if q is not None and q.op == "QuantizeLinear":
-                    a, b = _scale_of(q), _scale_of(node)
-                    if a is None or b is None or not np.array_equal(a, b):
-                        report("qdq_pair_mismatch", node, f"scale differs from QuantizeLinear '{q.name}'")
-        stats: dict[str, int | float] = {"issues": len(issues)}
-        for issue in issues:
-            stats[issue["kind"]] = stats.get(issue["kind"], 0) + 1
-        return PassResult(False, stats=stats, details={"issues": issues})

@@ -1,0 +1,234 @@
+"""Calibration candidates and end-to-end selection for the Q/DQ quantization passes.
+
+``calibrate`` collects statistics once and computes the ranges of every candidate method;
+``select_method`` scores each candidate's scales on the scoring samples (the task metric, else
+the argmax agreement of the first output, ties broken by output SQNR) and keeps the best;
+``score_model`` scores one model the same way. Shared by ``quantize-int8`` and ``quantize-fp8``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from calibration.sources import batch_len
+from optimizer.errors import InputError
+from optimizer.pass_base import PassContext
+
+log = logging.getLogger(__name__)
+
+
+def score_model(model, float_model, ctx: PassContext) -> tuple[float, float]:
+    """``(score, output SQNR in dB)`` of ``model`` against ``float_model`` on the scoring samples:
+    the task metric when given, else the argmax agreement of the first output (else the SQNR)."""
+    from optimizer.metrics import compare_batches
+    from optimizer.runtime import OrtRunner
+
+    batches, _ = _scoring_batches(ctx, float_model)
+    reference = [OrtRunner(float_model).run(b) for b in batches]
+    runner = OrtRunner(model)
+    outputs = [runner.run(b) for b in batches]
+    return _score(compare_batches(reference, outputs), outputs, reference, batches, ctx)[:2]
+
+
+def _score(metrics, outputs, reference, batches, ctx: PassContext) -> tuple[float, float, str]:
+    metrics = [m for m in metrics if m.cosine is not None]
+    sqnr = float(np.mean([_balanced(m) for m in metrics])) if metrics else 0.0
+    score = _metric_score(ctx.metric, outputs, reference, batches) if ctx.metric is not None else None
+    if score is not None:
+        return score, sqnr, "metric"
+    # no metric, or one that needs labels (the scoring samples have none): the report's headline
+    # agreement (argmax of the first output), ties broken by SQNR
+    first = metrics[0] if metrics else None
+    if first is not None and first.argmax_agreement is not None:
+        return 100.0 * first.argmax_agreement, sqnr, "argmax_agreement"
+    return sqnr, sqnr, "sqnr_db"
+
+
+def _balanced(m) -> float:
+    """The output's scale-balanced SQNR (per slice of axis 1), else its plain SQNR."""
+    return m.balanced_sqnr_db if m.balanced_sqnr_db is not None else m.sqnr_db
+
+
+
+#: ``method`` values of ``quantize-int8``; ``auto`` selects among ``AUTO_CANDIDATES`` end to end.
+METHOD_CHOICES = ("auto", "minmax", "percentile", "entropy", "mse", "sqnr")
+#: (label, range method, percentile) tried by ``method=auto``, in order (the first wins ties).
+AUTO_CANDIDATES = (
+    ("minmax", "minmax", None),
+    ("percentile-99.9", "percentile", 99.9),
+    ("percentile-99.99", "percentile", 99.99),
+    ("percentile-99.999", "percentile", 99.999),
+    ("entropy", "entropy", None),
+    ("mse", "mse", None),
+    ("sqnr", "sqnr", None),
+)
+
+
+def calibrate(graph: gs.Graph, tensors: list[str], ctx: PassContext, method: str, percentile: float, cache: str = "",
+              auto_candidates: tuple = AUTO_CANDIDATES, qmax: float = 127.0):
+    """Ranges for ``tensors`` on the context's calibration data (synthetic if none), or from a
+    JSON range cache made for this graph structure.
+
+    Returns ``({candidate label: {name: {"amax", "scale", "method", "sqnr_db"}}}, info)``: one
+    candidate for a fixed method or a cache, every ``auto_candidates`` entry for ``auto`` --
+    from one collection of statistics. Scales are ``amax / qmax`` (127 for INT8, 448 for FP8 E4M3);
+    ``sqnr_db`` is the INT8 fake-quantization SQNR of the calibration sample.
+    """
+    from pathlib import Path
+
+    from calibration import collect
+    from calibration import ranges as range_methods
+    from calibration.cache import load_ranges, save_ranges
+
+    model = _graph_model(graph)
+    if cache and Path(cache).is_file():
+        cached = load_ranges(cache, model)  # refuses a cache made for another graph structure
+        if all(t in cached for t in tensors):
+            result = {t: {"amax": float(cached[t].amax), "scale": float(cached[t].amax) / qmax, "method": cached[t].method,
+                          "sqnr_db": _round(cached[t].sqnr_db)} for t in tensors}
+            info = {"source": f"range cache {cache}", "synthetic": False, "samples": 0, "method": "cache", "skipped": {}}
+            return {"cache": result}, info
+    source = _source_for(model, ctx, ctx.calibration)
+    stats = collect.collect_statistics(model, tensors, source, progress=ctx.progress)
+    plan = auto_candidates if method == "auto" else ((method, method, percentile),)
+    candidates: dict[str, dict] = {}
+    for label, range_method, pct in plan:
+        result = {}
+        for name, st in stats.items():
+            r = range_methods.compute_range(st, range_method, percentile=pct if pct is not None else percentile)
+            result[name] = {"amax": float(r.amax), "scale": float(r.amax) / qmax, "method": label, "sqnr_db": _round(r.sqnr_db)}
+        candidates[label] = result
+    if cache and not stats.synthetic and method != "auto":
+        save_ranges(cache, [range_methods.TensorRange(n, v["amax"], v["method"], v["sqnr_db"])
+                            for n, v in candidates[method].items()], model)
+    info = {
+        "source": stats.source,
+        "synthetic": bool(stats.synthetic),
+        "samples": int(stats.samples),
+        "method": method,
+        "skipped": dict(stats.skipped),
+    }
+    missing = [t for t in tensors if t not in stats]
+    if missing:
+        log.info("no calibration statistics for %d tensor(s): %s", len(missing), ", ".join(missing[:5]))
+    if not stats and tensors:
+        raise InputError("calibration produced no ranges; check the calibration data")
+    return candidates, info
+
+
+def select_method(graph: gs.Graph, float_model, qdq: dict[str, gs.Variable], candidates: dict[str, dict], ctx: PassContext):
+    """Score every candidate's scales end to end: the quantized model (scales swapped in) against
+    the float model, mean output SQNR in dB, on the verification samples. Returns
+    ``(chosen label, table, description of the samples)``."""
+    import time
+
+    import onnx
+    from onnx import numpy_helper
+
+    from optimizer.metrics import compare_batches
+    from optimizer.runtime import OrtRunner
+
+    batches, scored_on = _scoring_batches(ctx, float_model)
+    reference = [OrtRunner(float_model).run(b) for b in batches]
+    quantized = _graph_model(graph)
+    scale_names = {name: _scale_constant(dq).name for name, dq in qdq.items()}
+    index = {init.name: i for i, init in enumerate(quantized.graph.initializer)}
+    table = []
+    for label, ranges in candidates.items():
+        start = time.perf_counter()
+        model = onnx.ModelProto()
+        model.CopyFrom(quantized)
+        for tensor, init_name in scale_names.items():
+            scale = np.asarray(max(float(ranges[tensor]["scale"]), 1e-12), np.float32)
+            model.graph.initializer[index[init_name]].CopyFrom(numpy_helper.from_array(scale, init_name))
+        runner = OrtRunner(model)
+        outputs = [runner.run(b) for b in batches]
+        metrics = [m for m in compare_batches(reference, outputs) if m.cosine is not None]
+        score, sqnr, kind = _score(metrics, outputs, reference, batches, ctx)
+        table.append({"method": label, "score": round(score, 3), "score_kind": kind, "sqnr_db": round(sqnr, 3),
+                      "cosine": round(min((m.cosine for m in metrics), default=1.0), 6),
+                      "time_s": round(time.perf_counter() - start, 4)})
+    best = max(table, key=lambda row: (row["score"], row["sqnr_db"]))  # ties: output SQNR, then the earliest
+    return best["method"], table, scored_on
+
+
+def _metric_score(metric, outputs: list[dict], reference: list[dict], batches: list[dict]) -> float | None:
+    """The task metric over the scoring batches (sample-weighted), or None if it needs labels."""
+    sizes = [batch_len(b) for b in batches]
+    try:
+        return float(np.average([metric(o, r, None) for o, r in zip(outputs, reference)], weights=sizes))
+    except InputError:
+        return None
+
+
+def _scoring_batches(ctx: PassContext, float_model):
+    """The scoring (else verification) batches in the current model's layout, else the first
+    calibration batch."""
+    from optimizer.runtime import input_specs
+
+    if ctx.score_batches or ctx.verify_batches:
+        adapt = ctx.feed_adapter or (lambda feeds: feeds)
+        batches = [adapt(b) for b in (ctx.score_batches or ctx.verify_batches)]
+        n = sum(batch_len(b) for b in batches)
+        return batches, f"{n} evaluation sample(s)" if ctx.score_batches else f"{n} verification sample(s)"
+    source = _source_for(float_model, ctx, ctx.calibration)
+    first = next(iter(source.batches(ctx.original_inputs or input_specs(float_model), 8)), None)
+    if first is None:
+        raise InputError("method=auto needs samples to score candidates on; give --calib or --data")
+    return [first], "the first calibration batch" + (" (synthetic)" if source.synthetic else "")
+
+
+def _scale_constant(dq_out: gs.Variable) -> gs.Constant:
+    return dq_out.inputs[0].inputs[1]
+
+
+def _set_scale(dq_out: gs.Variable, scale: float) -> None:
+    _scale_constant(dq_out).values = np.asarray(max(float(scale), 1e-12), np.float32)
+
+
+def _round(value):
+    if value is None:
+        return None
+    value = float(value)
+    return round(value, 2) if np.isfinite(value) else None
+
+
+def observe_amax(graph: gs.Graph, tensors: list[str], ctx: PassContext) -> dict[str, float]:
+    """Largest |value| of ``tensors`` on the calibration data (synthetic if the context has none)."""
+    from calibration import collect
+
+    model = _graph_model(graph)
+    data = ctx.calibration
+    if data is None and (ctx.verify_batches or ctx.reference_inputs is not None):
+        data = dict(ctx.verify_batches[0] if ctx.verify_batches else ctx.reference_inputs)
+    source = _source_for(model, ctx, data)
+    # Without real data this is a smoke check on a few synthetic samples; keep it cheap.
+    limit = None if ctx.calibration is not None else 4
+    stats = collect.collect_statistics(model, tensors, source, progress=ctx.progress, max_samples=limit)
+    return {name: float(st.amax) for name, st in stats.items()}
+
+
+def _source_for(model, ctx: PassContext, data):
+    """Calibration data for ``model``, read in the original model's layout and adapted to it."""
+    from calibration.sources import AdaptedSource, open_source
+    from optimizer.runtime import input_specs
+
+    specs = ctx.original_inputs or input_specs(model)
+    source = open_source(data, specs, shapes=ctx.input_shapes)
+    if ctx.feed_adapter is not None and ctx.original_inputs is not None:
+        source = AdaptedSource(source, ctx.original_inputs, ctx.feed_adapter)
+    return source
+
+
+def _graph_model(graph: gs.Graph):
+    """An ONNX model of ``graph`` (a copy) for running in ONNX Runtime."""
+    import onnx
+
+    from optimizer.graph import graph_to_model
+
+    template = onnx.ModelProto()
+    template.ir_version = 10
+    return graph_to_model(graph.copy(), template)
