@@ -191,6 +191,9 @@ def optimize(
                 report.warnings.append(
                     "accuracy figures rest on SYNTHETIC inputs (no --data or --calib given): they say nothing about real accuracy"
                 )
+    from optimizer.precision_map import precision_summary
+
+    report.precision = precision_summary(result.model, result.records)
     rolled = [r for r in result.records if r.rolled_back]
     if rolled:
         report.rolled_back = [{"pass": r.spec, "iteration": r.iteration, "why": r.error} for r in rolled]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,7 @@ class Report:
     verification: dict | None = None  # verification samples, the model's float noise, the lossless rule
     rolled_back: list[dict] = field(default_factory=list)  # passes undone: pass, iteration, why
     torch: dict | None = None  # from_torch / .pt2: exporter, fallback_reason, PyTorch vs exported / optimized
+    precision: dict | None = None  # per layer: the precision it runs in and why; bytes stored per type
 
     # -- derived -----------------------------------------------------------------------------
     @property
@@ -86,6 +88,7 @@ class Report:
             "engine": self.engine,
             "trt_check": self.trt_check,
             "torch": self.torch,
+            "precision": self.precision,
             "warnings": list(self.warnings),
         }
 
@@ -156,6 +159,7 @@ class Report:
                       + ("met" if b["met"] else "NOT met")]
             lines += [f"- `{f['node']}` kept in float by {f['pass_name']}: sensitivity +{f['gain']:.3f} points ({f['reason']})"
                       for f in b["fallbacks"]]
+        lines += _precision_lines(self.precision)
         lines += _engine_markdown(self.engine, self.trt_check)
         lines += _torch_lines(self.torch)
         if self.warnings:
@@ -273,6 +277,18 @@ def _engine_markdown(engine: dict | None, trt_check: dict | None) -> list[str]:
             for kind, outputs in (engine.get("accuracy") or {}).items():
                 for name, m in outputs.items():
                     lines.append(f"- {kind} `{name}`: max abs {m['max_abs']:.3g}, cosine {m['cosine']}")
+    return lines
+
+
+def _precision_lines(precision: dict | None) -> list[str]:
+    """Layers per precision (with the commonest reasons for float) and bytes stored per type."""
+    if not precision or not precision.get("layers"):
+        return []
+    lines = ["", "## Precision per layer", "", "| precision | layers | why (float layers: the reasons) |", "|---|---:|---|"]
+    for name, count in sorted(precision["counts"].items(), key=lambda kv: -kv[1]):
+        whys = Counter(layer["why"] or "not quantized" for layer in precision["layers"] if layer["precision"] == name)
+        lines.append(f"| {name} | {count} | " + ", ".join(f"{w} ({n})" for w, n in whys.most_common(4)) + " |")
+    lines += ["", "Bytes stored per type: " + ", ".join(f"{k} {v:,}" for k, v in precision["bytes"].items()) + "."]
     return lines
 
 

@@ -143,18 +143,24 @@ HANDLERS: dict[str, Callable[[gs.Node, PlacementOptions, Callable[[str], None]],
 }
 
 
-def find_sites(graph: gs.Graph, opts: PlacementOptions) -> tuple[list[QuantSite], dict[str, int]]:
-    """Walk the main graph with the handler table; subgraph bodies are left in float."""
+def find_sites(graph: gs.Graph, opts: PlacementOptions,
+               reasons: dict[str, str] | None = None) -> tuple[list[QuantSite], dict[str, int]]:
+    """Walk the main graph with the handler table; subgraph bodies are left in float.
+    ``reasons`` (when given) receives, per node left in float by a handler, the reason."""
     skipped: dict[str, int] = {}
+    current: list[gs.Node] = []
 
     def skip(reason: str) -> None:
         skipped[reason] = skipped.get(reason, 0) + 1
+        if reasons is not None and current:
+            reasons[current[-1].name] = reason
 
     sites: list[QuantSite] = []
     for node in graph.nodes:
         handler = HANDLERS.get(node.op)
         if handler is None or not is_default_domain(node):
             continue
+        current[:] = [node]
         if any(p is not None and p.op in ("QuantizeLinear", "DequantizeLinear") for p in map(producer, node.inputs)):
             skip("already_quantized")
             continue
@@ -246,7 +252,8 @@ class QuantizeInt8(Pass):
         opset = int(graph.opset or ctx.opset or 0)
         if opset < fmt.min_opset:  # the opset whose QuantizeLinear/DequantizeLinear take this type
             return PassResult(False, stats={f"skipped_opset_below_{fmt.min_opset}": 1})
-        sites, skipped = find_sites(graph, self.placement())
+        float_reasons: dict[str, str] = {}
+        sites, skipped = find_sites(graph, self.placement(), float_reasons)
         if opset < fmt.per_channel_opset:  # no per-channel DequantizeLinear (axis) yet: per-tensor weights
             reason = f"per_tensor_weights_opset_below_{fmt.per_channel_opset}"
             for site in sites:
@@ -257,6 +264,7 @@ class QuantizeInt8(Pass):
         if excluded:
             kept = [s for s in sites if s.node.name not in excluded]
             skipped["excluded"] = len({id(s.node) for s in sites if s.node.name in excluded})
+            float_reasons.update({s.node.name: "excluded" for s in sites if s.node.name in excluded})
             sites = kept
         if not sites:
             return PassResult(False, stats={f"skipped_{k}": v for k, v in skipped.items()})
@@ -266,7 +274,8 @@ class QuantizeInt8(Pass):
         candidates, calib_info = calibrate(graph, activations, ctx, self.method, self.percentile, self.range_cache,
                                            self.auto_candidates, fmt.qmax)
         ranges = next(iter(candidates.values()))
-        details: dict = {"format": fmt.name, "calibration": calib_info, "tensors": {}, "weights": {}, "nodes": [], "layers": {}}
+        details: dict = {"format": fmt.name, "calibration": calib_info, "tensors": {}, "weights": {}, "nodes": [], "layers": {},
+                         "float_layers": float_reasons}
         qdq: dict[str, gs.Variable] = {}
         weights: dict[tuple[str, int | None], gs.Variable] = {}
         quantized_nodes: set[int] = set()
