@@ -1368,10 +1368,96 @@ def build_hf_gpt2(name="hf_gpt2", opset=18):
     return name, model, path, feeds, f"transformers GPT2LMHeadModel (use_cache=False), dynamo, opset {opset}"
 
 
+# --------------------------------------------------------------------------- 17. HF ViT and Whisper encoder (TorchScript, as optimum exports them)
+class ViTLogits(nn.Module):
+    """``logits`` of a ViTForImageClassification, with interpolated position embeddings so the
+    traced graph accepts any image size (a multiple of the patch size)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return self.model(pixel_values=pixel_values, interpolate_pos_encoding=True).logits
+
+
+class WhisperEncoderFeatures(nn.Module):
+    """``last_hidden_state`` of a WhisperEncoder (what optimum's encoder export emits)."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_features):
+        return self.encoder(input_features=input_features).last_hidden_state
+
+
+def whisper_log_mel(audio: np.ndarray, n_mels: int, n_fft: int = 400, hop: int = 160, sr: int = 16000) -> np.ndarray:
+    """Whisper's log-mel features, in numpy (``transformers.audio_utils``, WhisperFeatureExtractor's recipe):
+    power STFT (periodic Hann 400, hop 160 at 16 kHz), Slaney mel filters up to 8 kHz, log10, floored
+    at max - 8, then (x + 4) / 4; the last STFT frame is dropped -> [n, n_mels, len // hop]."""
+    from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
+
+    filters = mel_filter_bank(num_frequency_bins=1 + n_fft // 2, num_mel_filters=n_mels, min_frequency=0.0,
+                              max_frequency=8000.0, sampling_rate=sr, norm="slaney", mel_scale="slaney")
+    out = []
+    for wave in audio:
+        spec = spectrogram(wave, window_function(n_fft, "hann"), frame_length=n_fft, hop_length=hop, power=2.0,
+                           mel_filters=filters, log_mel="log10")[:, :-1]
+        spec = np.maximum(spec, spec.max() - 8.0)
+        out.append((spec + 4.0) / 4.0)
+    return np.stack(out).astype(np.float32)
+
+
+def build_hf_vit(name="hf_vit", opset=17):
+    """TorchScript export (optimum's exporter): the dynamo exporter silently specializes height and
+    width to the example's 32x32, the legacy tracer keeps them dynamic (the interpolation's sizes
+    come from ``Shape``). hidden 64 leaves room for an MLP of only 48 under the 300 KB limit."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    seed_all(19)
+    config = ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=48, num_labels=10)
+    model = ViTLogits(perturb_hf(ViTForImageClassification(config))).eval()
+    feeds = {"pixel_values": scene_batch(np.random.default_rng(19), SAMPLES, 32, 32)}
+    path = HERE / f"{name}.onnx"
+    export_legacy(model, (torch.from_numpy(feeds["pixel_values"][:2]),), path, opset, ["pixel_values"], ["logits"],
+                  {"pixel_values": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}})
+    return name, model, path, feeds, f"transformers ViTForImageClassification (interpolate_pos_encoding), legacy, opset {opset}"
+
+
+def build_hf_whisper_enc(name="hf_whisper_enc", opset=17):
+    """The encoder only; frames are static: WhisperEncoder raises unless frames == 2 *
+    max_source_positions and adds all its position embeddings (no slicing), so a dynamic frames axis
+    would run at that one length only. d_model 64 fits 300 KB with 16 mel bins and an FFN of 48."""
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    seed_all(20)
+    config = WhisperConfig(num_mel_bins=16, d_model=64, encoder_layers=2, encoder_attention_heads=2,
+                           encoder_ffn_dim=48, decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=48,
+                           max_source_positions=50, max_target_positions=16, vocab_size=100,
+                           pad_token_id=1, bos_token_id=1, eos_token_id=1, decoder_start_token_id=1)
+    encoder = perturb_hf(WhisperEncoder(config))
+    with torch.no_grad():  # trained-looking scales: at init (std 0.02) the sinusoidal positions swamp the audio
+        for mod in encoder.modules():  # and the output hardly depends on the input (0.4 % of its spread)
+            if isinstance(mod, (nn.Conv1d, nn.Linear)):
+                gain = 2.0 if isinstance(mod, nn.Conv1d) else 1.0
+                nn.init.normal_(mod.weight, 0, gain * mod.weight[0].numel() ** -0.5)
+    model = WhisperEncoderFeatures(encoder).eval()
+    frames = 2 * config.max_source_positions  # 100 frames = 1 s of 16 kHz audio at hop 160
+    audio = speech_like(np.random.default_rng(20), SAMPLES, frames * 160)
+    feeds = {"input_features": whisper_log_mel(audio, config.num_mel_bins)}
+    path = HERE / f"{name}.onnx"
+    export_legacy(model, (torch.from_numpy(feeds["input_features"][:2]),), path, opset, ["input_features"],
+                  ["last_hidden_state"], {"input_features": {0: "batch"}, "last_hidden_state": {0: "batch"}})
+    return name, model, path, feeds, f"transformers WhisperEncoder, legacy, opset {opset}"
+
+
 # --------------------------------------------------------------------------- main
 BUILDERS = [build_mobilenet, build_detector, build_unet, build_crnn, build_gru, build_if, build_loop,
             build_transformer, build_norms, build_keras_nhwc, build_qdq, build_yolo, build_vad, build_if_lstm,
-            build_paddle_ocr, build_ort_dynquant, build_hf_bert, build_hf_gpt2]
+            build_paddle_ocr, build_ort_dynquant, build_hf_bert, build_hf_gpt2, build_hf_vit, build_hf_whisper_enc]
 
 
 def feed_chunks(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
