@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     precision.add_argument("--fp16", action="store_true", help="convert to FP16 where safe")
     precision.add_argument("--fp8", action="store_true",
                            help="quantize to FP8 (E4M3) with explicit Q/DQ, per-channel weights (opset 19; Ada/Hopper/Blackwell)")
+    precision.add_argument("--bf16", action="store_true", help="convert to BF16 where the op allows it (float32's range)")
     precision.add_argument("--calib", metavar="DATA",
                            help="calibration data (.npz, .npy, a folder of .npy files or of images) for INT8 ranges, "
                                 "FP16 activation ranges and pruning's bias compensation")

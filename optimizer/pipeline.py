@@ -37,12 +37,14 @@ PRECISION_STEPS = {
     "int8": "upgrade-opset(min=13),quantize-int8",
     "fp8": "upgrade-opset(min=19),quantize-fp8",
     "fp16": "convert-fp16",
+    # Conv and pooling take bfloat16 from opset 22 (MatMul/Gemm from 13): upgrade so CNNs convert too
+    "bf16": "upgrade-opset(min=22),convert-bf16",
 }
 #: What ``optimize inspect`` dry-runs after the default pipeline for each precision flag: the same
 #: passes, with ranges that need no evaluation (minmax on synthetic samples, no bias correction).
 DRY_RUN_STEPS = {"int8": ("upgrade-opset(min=13)", "quantize-int8(method=minmax,bias_correction=off)"),
                  "fp8": ("upgrade-opset(min=19)", "quantize-fp8(method=minmax)"),
-                 "fp16": ("convert-fp16",)}
+                 "fp16": ("convert-fp16",), "bf16": ("upgrade-opset(min=22)", "convert-bf16")}
 PRESETS["fp16"] = PRESETS["default"] + "," + PRECISION_STEPS["fp16"]
 PRESETS["int8"] = PRESETS["default"] + ",upgrade-opset,quantize-int8"
 PRESETS["best"] = PRESETS["default"] + ",upgrade-opset,quantize-int8,convert-fp16"

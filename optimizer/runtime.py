@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from optimizer.emulation import emulate_bfloat16
 from optimizer.errors import InputError
 import optimizer.io as model_io
 
@@ -57,7 +58,9 @@ def _dims(value_type: onnx.TypeProto) -> tuple[int | str | None, ...] | None:
 
 
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
-    """The inputs a caller must feed (initializer-backed inputs of IR < 4 models excluded)."""
+    """The inputs a caller must feed (initializer-backed inputs of IR < 4 models excluded).
+
+    A bfloat16 input is fed as float32 (numpy has no bfloat16; ``OrtRunner`` rounds it)."""
     initializers = {t.name for t in model.graph.initializer}
     specs = []
     for value in model.graph.input:
@@ -66,7 +69,8 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
         tensor = value.type.tensor_type
         if not value.type.HasField("tensor_type"):
             raise InputError(f"input '{value.name}' is not a tensor (sequence/map/optional inputs are not supported)")
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+        elem = onnx.TensorProto.FLOAT if tensor.elem_type == onnx.TensorProto.BFLOAT16 else tensor.elem_type
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
         specs.append(InputSpec(value.name, dtype, _dims(value.type)))
     return specs
 
@@ -80,6 +84,11 @@ class OrtRunner:
 
     Graph optimizations are off by default so that what we verify is our graph, not ONNX
     Runtime's rewrite of it; ``optimize=True`` turns them on (for latency measurements).
+
+    A model with bfloat16 compute runs on an emulated copy (``optimizer.emulation``: bf16 storage,
+    float32 math, as on the GPU); ``model`` itself is not modified. Its bfloat16 inputs are fed and
+    its bfloat16 outputs returned as float32 arrays holding bf16 values (ONNX Runtime's Python
+    binding has no bfloat16); ``ml_dtypes.bfloat16`` feeds are accepted.
     """
 
     def __init__(self, model: onnx.ModelProto, *, optimize: bool = False, threads: int = 0):
@@ -93,6 +102,9 @@ class OrtRunner:
         if threads:
             options.intra_op_num_threads = threads
         self.output_names = output_names(model)
+        emulation = emulate_bfloat16(model)
+        model = emulation.model
+        self.float32_inputs = frozenset(emulation.float32_inputs)
         try:
             if model_io.weights_nbytes(model) > model_io.EXTERNAL_DATA_THRESHOLD:
                 with model_io.model_on_disk(model) as path:
@@ -110,8 +122,11 @@ class OrtRunner:
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
             raise InputError(f"no data for model input(s) {', '.join(missing)}; give them in --data or --shapes")
+        feeds = {n: feeds[n] for n in self.input_names}
+        for name in self.float32_inputs.intersection(feeds):
+            feeds[name] = np.asarray(feeds[name], dtype=np.float32)
         try:
-            values = self.session.run(self.output_names, {n: feeds[n] for n in self.input_names})
+            values = self.session.run(self.output_names, feeds)
         except Exception as exc:
             raise RuntimeFailure(f"ONNX Runtime failed to run the model: {_first_line(exc)}") from None
         return dict(zip(self.output_names, values))

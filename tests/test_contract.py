@@ -59,6 +59,7 @@ def test_pass_contract(path, name, loaded):
         assert_same_outputs(model, first.model, inputs, rtol=tol.rtol, atol=tol.atol)
     second = PassManager(name, verify="structural").run(first.model)
     assert not second.records[0].changed, f"{name} is not idempotent on {path.name}: {second.records[0].stats}"
+    assert not second.records[0].rolled_back, f"{name}'s second run on {path.name} failed: {second.records[0].error}"
 
 
 @pytest.mark.parametrize("path", MODELS, ids=MODEL_IDS)

@@ -21,7 +21,7 @@ LAYERS = ("kernel", "calibration", "passes", "driver")
 KERNEL = {
     "optimizer.errors", "optimizer.pass_base", "optimizer.graph", "optimizer.io", "optimizer.io_layout",
     "optimizer.runtime", "optimizer.stats", "optimizer.metrics", "optimizer.noise", "optimizer.task_metrics",
-    "optimizer.interface",
+    "optimizer.interface", "optimizer.emulation",
 }
 
 
