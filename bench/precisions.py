@@ -43,7 +43,8 @@ def models() -> list[tuple[str, Path, Path]]:
 
 def measure(name: str, model: Path, calib: Path, flag: str, work: Path, timeout: float) -> dict:
     out = work / f"{name}.{flag}.onnx"
-    cmd = ["optimize", str(model), f"--{flag}", "--calib", str(calib), "-o", str(out), "--json"]
+    data = ["--data", str(calib)] if flag == "bf16" else ["--calib", str(calib)]  # convert-bf16 calibrates nothing
+    cmd = ["optimize", str(model), f"--{flag}", *data, "-o", str(out), "--json"]
     run = run_child(cmd, work, timeout)
     row = {"model": name, "flag": flag, "exit": run.returncode, "wall_s": round(run.wall_s, 2),
            "peak_mb": round(run.peak_mb, 1) if run.peak_mb else None}

@@ -239,6 +239,11 @@ class ConvertFp16(_LowerPrecision):
         return {"max_activation": self.max_activation}
 
 
+#: Ops TensorRT cannot build in BF16 although ONNX allows it (measured with TensorRT-RTX 1.7 for
+#: SM89): HardSwish/HardSigmoid take only FLOAT, HALF or INT8 inputs; a BF16 ConvTranspose fails in
+#: Myelin's type inference. They stay float32 under convert-bf16.
+TENSORRT_NO_BF16 = ("HardSwish", "HardSigmoid", "ConvTranspose")
+
 @register_pass
 @dataclass
 class ConvertBf16(_LowerPrecision):
@@ -254,7 +259,8 @@ class ConvertBf16(_LowerPrecision):
     float inputs (MatMul, Gemm, Add, Mul, Relu, Softmax from opset 13, LeakyRelu/PRelu from 16;
     Conv, ConvTranspose and the pooling ops only from opset 22, so below that they stay float32
     -- run ``upgrade-opset`` first on models older than opset 13), and none of these hold:
-    - its op is a reduction or normalization, Pow/Exp/Log, or a recurrent layer (``keep_ops``);
+    - its op is a reduction or normalization, Pow/Exp/Log, or a recurrent layer, or one TensorRT
+      cannot build in BF16 (HardSwish, HardSigmoid, ConvTranspose) (``keep_ops``);
     - it is in an INT8 region: it reads a DequantizeLinear output, or a QuantizeLinear is reachable
       from it through float ops (so after ``quantize-int8`` BF16 covers what stayed float);
     - its name is listed in ``exclude``; it lives in an If/Loop/Scan body (left in float32).
@@ -278,7 +284,7 @@ class ConvertBf16(_LowerPrecision):
     label = "bf16"
 
     keep_io_types: bool = True
-    keep_ops: list[str] = field(default_factory=lambda: list(DEFAULT_KEEP_FP32))
+    keep_ops: list[str] = field(default_factory=lambda: list(DEFAULT_KEEP_FP32) + list(TENSORRT_NO_BF16))
     exclude: list[str] = field(default_factory=list)
 
     def __post_init__(self):
