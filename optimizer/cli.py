@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     precision.add_argument("--fp16", action="store_true", help="convert to FP16 where safe")
     precision.add_argument("--fp8", action="store_true",
                            help="quantize to FP8 (E4M3) with explicit Q/DQ, per-channel weights (opset 19; Ada/Hopper/Blackwell)")
+    precision.add_argument("--int4", action="store_true",
+                           help="INT4 block-wise weight-only quantization of MatMul/Gemm weights (opset 21)")
     precision.add_argument("--bf16", action="store_true", help="convert to BF16 where the op allows it (float32's range)")
     precision.add_argument("--calib", metavar="DATA",
                            help="calibration data (.npz, .npy, a folder of .npy files or of images) for INT8 ranges, "
@@ -342,7 +344,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     if args.calib and not any(p.uses_calibration for p in passes):
         users = ", ".join(name for name, cls in available_passes().items() if cls.uses_calibration)
-        print(f"optimize: error: --calib needs --int8, --fp8, --fp16 or a pipeline with a pass that calibrates ({users})",
+        print(f"optimize: error: --calib needs --int8, --fp8, --int4, --fp16 or a pipeline with a pass that calibrates ({users})",
               file=sys.stderr)
         return 2
     result = optimize(

@@ -36,6 +36,7 @@ PRESETS: dict[str, str] = {
 PRECISION_STEPS = {
     "int8": "upgrade-opset(min=13),quantize-int8",
     "fp8": "upgrade-opset(min=19),quantize-fp8",
+    "int4": "upgrade-opset(min=21),quantize-int4",
     "fp16": "convert-fp16",
     # Conv and pooling take bfloat16 from opset 22 (MatMul/Gemm from 13): upgrade so CNNs convert too
     "bf16": "upgrade-opset(min=22),convert-bf16",
@@ -44,6 +45,7 @@ PRECISION_STEPS = {
 #: passes, with ranges that need no evaluation (minmax on synthetic samples, no bias correction).
 DRY_RUN_STEPS = {"int8": ("upgrade-opset(min=13)", "quantize-int8(method=minmax,bias_correction=off)"),
                  "fp8": ("upgrade-opset(min=19)", "quantize-fp8(method=minmax)"),
+                 "int4": ("upgrade-opset(min=21)", "quantize-int4(method=rtn,bias_correction=false)"),
                  "fp16": ("convert-fp16",), "bf16": ("upgrade-opset(min=22)", "convert-bf16")}
 PRESETS["fp16"] = PRESETS["default"] + "," + PRECISION_STEPS["fp16"]
 PRESETS["int8"] = PRESETS["default"] + ",upgrade-opset,quantize-int8"

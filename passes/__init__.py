@@ -12,8 +12,10 @@ from passes import (  # noqa: F401
     precision,
     quantization,
     quantize_fp8,
+    quantize_int4,
     remove_noop_arithmetic,
     simplify_layout_ops,
+    smooth_quant,
 )
 from passes.layout import nchw  # noqa: F401
 from passes.pruning import channels, sparsity  # noqa: F401
@@ -32,6 +34,8 @@ __all__ = [
     "pruning",
     "quantization",
     "quantize_fp8",
+    "quantize_int4",
     "remove_noop_arithmetic",
     "simplify_layout_ops",
+    "smooth_quant",
 ]

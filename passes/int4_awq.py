@@ -1,0 +1,206 @@
+"""Block INT4 arithmetic and AWQ-style input-channel scales for ``quantize-int4``: groups,
+calibration statistics, alpha search.
+
+For a group of layers that must share one scale vector s (they read the same activation, or share
+a weight), the activations' per-channel mean |x| (m) and a bounded, deterministic sample of rows
+X are collected on the calibration data (``calibration.channel_stats``, streamed); for alpha in
+0, 0.1 ... 1, s = m^alpha normalized by sqrt(max(s) * min(s)), and the error is
+``sum ||X W - (X / s) Q(diag(s) W)||^2`` over the group's layers. The alpha with the smallest error wins (alpha 0 -- round to nearest -- on ties).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from optimizer.pass_base import PassContext
+from passes.graph_utils import constant_values
+
+log = logging.getLogger(__name__)
+
+ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
+#: Calibration samples the statistics are taken over, and rows kept per activation for the search.
+AWQ_SAMPLES = 128
+AWQ_ROWS = 512
+#: Channels whose mean |x| is below this fraction of the largest are treated as having it
+#: (a dead channel would otherwise get s = 0 and an infinite 1/s).
+MIN_RELATIVE_MAGNITUDE = 1e-4
+
+
+# -- block quantization -----------------------------------------------------------------------
+
+INT4_MAX = 7  # symmetric: scale = amax / 7, values in -7..7 (of the type's -8..7)
+INT4_MIN = -8
+
+
+def quantize_blocks(weight: np.ndarray, k_axis: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric block-wise INT4 of a 2-D ``weight`` along ``k_axis``: (int values in -8..7 as
+    int8, float32 scales shaped like ``weight`` with ``k_axis`` divided by ``block``)."""
+    w = np.moveaxis(weight.astype(np.float64), k_axis, 0)  # [K, N]
+    k, n = w.shape
+    blocks = w.reshape(k // block, block, n)
+    amax = np.abs(blocks).max(axis=1)  # [K/B, N]
+    scale = (np.maximum(amax, 1e-12) / INT4_MAX).astype(np.float32)
+    q = np.clip(np.round(blocks / scale.astype(np.float64)[:, None, :]), INT4_MIN, INT4_MAX).astype(np.int8)
+    return np.moveaxis(q.reshape(k, n), 0, k_axis), np.moveaxis(scale, 0, k_axis)
+
+
+def dequantize_blocks(q: np.ndarray, scale: np.ndarray, k_axis: int, block: int) -> np.ndarray:
+    """What ``DequantizeLinear(axis=k_axis, block_size=block)`` computes, in float64."""
+    return q.astype(np.float64) * np.repeat(scale.astype(np.float64), block, axis=k_axis)
+
+
+# -- groups -----------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Group:
+    """Layers that share one scale vector: connected through shared inputs or shared weights."""
+
+    layers: list = field(default_factory=list)  # passes.quantize_int4.Layer
+    method: str = "rtn"
+    alpha: float | None = None
+    scales: np.ndarray | None = None  # float32 [K], only when alpha > 0
+    search: dict | None = None
+
+    def inputs(self) -> list[tuple[gs.Tensor, list[gs.Node]]]:
+        """(activation tensor, the group's nodes reading it), in first-seen order."""
+        out: dict[str, tuple[gs.Tensor, list[gs.Node]]] = {}
+        for layer in self.layers:
+            out.setdefault(layer.source.name, (layer.source, []))[1].append(layer.node)
+        return list(out.values())
+
+    def weights(self) -> list[tuple[gs.Tensor, list]]:
+        """(weight tensor, the layers reading it), in first-seen order."""
+        out: dict[str, tuple[gs.Tensor, list]] = {}
+        for layer in self.layers:
+            out.setdefault(layer.weight.name, (layer.weight, []))[1].append(layer)
+        return list(out.values())
+
+
+def plan_groups(layers: list) -> list[Group]:
+    """Union the layers over shared activation inputs and shared weights."""
+    parent = list(range(len(layers)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[tuple[str, str], int] = {}
+    for i, layer in enumerate(layers):
+        for key in (("x", layer.source.name), ("w", layer.weight.name)):
+            if key in first:
+                parent[find(i)] = find(first[key])
+            else:
+                first[key] = i
+    groups: dict[int, Group] = {}
+    for i, layer in enumerate(layers):
+        groups.setdefault(find(i), Group()).layers.append(layer)
+    return list(groups.values())
+
+
+# -- the search -------------------------------------------------------------------------------
+
+
+def scales_for(mean_abs: np.ndarray, alpha: float) -> np.ndarray:
+    """s = m^alpha normalized by sqrt(max(s) * min(s)), as float32 (what the graph stores)."""
+    m = np.maximum(mean_abs.astype(np.float64), MIN_RELATIVE_MAGNITUDE * float(mean_abs.max()))
+    s = m**alpha
+    return (s / np.sqrt(s.max() * s.min())).astype(np.float32)
+
+
+def _effective_error(w: np.ndarray, s: np.ndarray, block: int) -> np.ndarray:
+    """W - Q(diag(s) W) / s for a [K, N] weight: the error the quantized layer adds to x @ W."""
+    s64 = s.astype(np.float64)[:, None]
+    q, scale = quantize_blocks(w * s64, 0, block)
+    return w - dequantize_blocks(q, scale, 0, block) / s64
+
+
+def search_group(group: Group, stats: dict) -> None:
+    """Pick alpha for ``group`` on the sampled rows (sets method, alpha, scales, search)."""
+    inputs = [t.name for t, _ in group.inputs()]
+    missing = [n for n in inputs if n not in stats]
+    nodes = [layer.node.name for layer in group.layers]
+    if missing:
+        group.search = {"layers": nodes, "inputs": inputs, "skipped": f"no statistics for {', '.join(missing)}"}
+        return
+    rows = sum(stats[n].rows for n in inputs)
+    mean_abs = sum(stats[n].mean_abs * stats[n].rows for n in inputs) / max(rows, 1)
+    if not np.isfinite(mean_abs).all() or float(mean_abs.max()) <= 0.0:
+        group.search = {"layers": nodes, "inputs": inputs, "skipped": "activations are all zero"}
+        return
+    weights = {w.name: np.moveaxis(constant_values(w).astype(np.float64), readers[0].k_axis, 0)
+               for w, readers in group.weights()}
+    # float32 products (float64 sums): the errors only need ranking, and this is the search's cost
+    pairs = [(stats[layer.source.name].sample.astype(np.float32), layer.weight.name) for layer in group.layers]
+    block = group.layers[0].block
+
+    def energy(x: np.ndarray, w: np.ndarray) -> float:
+        return float(np.sum(np.square(x @ w.astype(np.float32)), dtype=np.float64))
+
+    signal = sum(energy(x, weights[w]) for x, w in pairs)
+    errors = {}
+    for alpha in ALPHAS:
+        s = scales_for(mean_abs, alpha)
+        residual = {name: _effective_error(w, s, block) for name, w in weights.items()}
+        errors[alpha] = sum(energy(x, residual[w]) for x, w in pairs)
+    best = min(ALPHAS, key=lambda a: (errors[a], a))  # ties: the smaller alpha (0 = RTN, no Mul)
+
+    def db(err: float) -> float | None:
+        return round(10 * np.log10(signal / err), 2) if err > 0 and signal > 0 else None
+
+    group.method, group.alpha = "awq", best
+    group.scales = scales_for(mean_abs, best) if best > 0 else None
+    group.search = {"layers": nodes, "inputs": inputs, "alpha": best, "sample_rows": int(sum(x.shape[0] for x, _ in pairs)),
+                    "sample_sqnr_db_rtn": db(errors[0.0]), "sample_sqnr_db": db(errors[best]),
+                    "relative_error": {str(a): round(errors[a] / signal, 6) if signal > 0 else None for a in ALPHAS}}
+
+
+def collect_group_stats(graph: gs.Graph, groups: list[Group], ctx: PassContext, means: bool) -> tuple[dict | None, dict]:
+    """Statistics of every group's inputs (``calibration.channel_stats``: mean |x| and a bounded row
+    sample, streamed) and, with ``means``, their signed per-channel means (for bias correction):
+    ``({name: ChannelStats}, {name: mean}), calibration details``; ``(None, {"fallback": why})``
+    without real calibration data."""
+    from calibration.channel_stats import collect_channel_stats
+    from calibration.collect import collect_channel_means
+
+    if ctx.calibration is None:
+        return None, {"fallback": "no calibration data (--calib)"}
+    model = _graph_model(graph)
+    source = _source_for(model, ctx, ctx.calibration)
+    if source.synthetic:
+        return None, {"fallback": "synthetic calibration data", "source": source.description}
+    tensors = list(dict.fromkeys(t.name for g in groups for t, _ in g.inputs()))
+    stats = collect_channel_stats(model, tensors, source, AWQ_ROWS, ctx.progress, max_samples=AWQ_SAMPLES)
+    signed = {}
+    if means:  # a second pass: ChannelStats has no signed mean (yet)
+        signed = collect_channel_means(model, {t: -1 for t in stats}, source, max_samples=AWQ_SAMPLES).means
+    return (dict(stats), signed), {"source": stats.source, "samples": stats.samples, "max_rows": AWQ_ROWS,
+                                   "tensors": len(stats), "skipped": dict(stats.skipped)}
+
+
+def _source_for(model: onnx.ModelProto, ctx: PassContext, data):
+    """Calibration data for ``model``, read in the original model's layout and adapted to it."""
+    from calibration.sources import AdaptedSource, open_source
+    from optimizer.runtime import input_specs
+
+    specs = ctx.original_inputs or input_specs(model)
+    source = open_source(data, specs, shapes=ctx.input_shapes)
+    if ctx.feed_adapter is not None and ctx.original_inputs is not None:
+        source = AdaptedSource(source, ctx.original_inputs, ctx.feed_adapter)
+    return source
+
+
+def _graph_model(graph: gs.Graph) -> onnx.ModelProto:
+    """An ONNX model of ``graph`` (a copy) for running in ONNX Runtime."""
+    from optimizer.graph import graph_to_model
+
+    template = onnx.ModelProto()
+    template.ir_version = 10
+    return graph_to_model(graph.copy(), template)
