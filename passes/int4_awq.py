@@ -37,16 +37,35 @@ INT4_MAX = 7  # symmetric: scale = amax / 7, values in -7..7 (of the type's -8..
 INT4_MIN = -8
 
 
-def quantize_blocks(weight: np.ndarray, k_axis: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+#: Per-block clipping ratios tried: the scale whose block has the least squared error is kept
+#: (with 15 levels, clipping a block's rare largest values buys resolution for all the others).
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
+
+def quantize_blocks(weight: np.ndarray, k_axis: int, block: int, clip: bool = True,
+                    row_weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric block-wise INT4 of a 2-D ``weight`` along ``k_axis``: (int values in -8..7 as
-    int8, float32 scales shaped like ``weight`` with ``k_axis`` divided by ``block``)."""
+    int8, float32 scales shaped like ``weight`` with ``k_axis`` divided by ``block``). The scale
+    is ``r * amax / 7`` per block, ``r`` from ``CLIP_RATIOS`` minimizing the block's squared error
+    (``clip=False``: r = 1, plain round-to-nearest). ``row_weights`` ([K], e.g. E[x_k^2] of the
+    layer's input) weight each input channel's error, so the clip minimizes the output's error."""
     w = np.moveaxis(weight.astype(np.float64), k_axis, 0)  # [K, N]
     k, n = w.shape
     blocks = w.reshape(k // block, block, n)
-    amax = np.abs(blocks).max(axis=1)  # [K/B, N]
-    scale = (np.maximum(amax, 1e-12) / INT4_MAX).astype(np.float32)
-    q = np.clip(np.round(blocks / scale.astype(np.float64)[:, None, :]), INT4_MIN, INT4_MAX).astype(np.int8)
-    return np.moveaxis(q.reshape(k, n), 0, k_axis), np.moveaxis(scale, 0, k_axis)
+    amax = np.maximum(np.abs(blocks).max(axis=1), 1e-12)  # [K/B, N]
+    rw = np.ones((k // block, block, 1)) if row_weights is None else row_weights.astype(np.float64).reshape(k // block, block, 1)
+    best_scale, best_err = None, None
+    for ratio in CLIP_RATIOS if clip else (1.0,):
+        scale = (amax * ratio / INT4_MAX).astype(np.float32)
+        s64 = scale.astype(np.float64)[:, None, :]
+        err = (rw * (np.clip(np.round(blocks / s64), INT4_MIN, INT4_MAX) * s64 - blocks) ** 2).sum(axis=1)
+        if best_scale is None:
+            best_scale, best_err = scale, err
+        else:
+            better = err < best_err
+            best_scale, best_err = np.where(better, scale, best_scale), np.minimum(err, best_err)
+    q = np.clip(np.round(blocks / best_scale.astype(np.float64)[:, None, :]), INT4_MIN, INT4_MAX).astype(np.int8)
+    return np.moveaxis(q.reshape(k, n), 0, k_axis), np.moveaxis(best_scale, 0, k_axis)
 
 
 def dequantize_blocks(q: np.ndarray, scale: np.ndarray, k_axis: int, block: int) -> np.ndarray:
@@ -66,6 +85,7 @@ class Group:
     alpha: float | None = None
     scales: np.ndarray | None = None  # float32 [K], only when alpha > 0
     search: dict | None = None
+    mean_abs: np.ndarray | None = None  # [K] mean |x| of the inputs, when searched (weights the clip)
 
     def inputs(self) -> list[tuple[gs.Tensor, list[gs.Node]]]:
         """(activation tensor, the group's nodes reading it), in first-seen order."""
@@ -115,10 +135,18 @@ def scales_for(mean_abs: np.ndarray, alpha: float) -> np.ndarray:
     return (s / np.sqrt(s.max() * s.min())).astype(np.float32)
 
 
-def _effective_error(w: np.ndarray, s: np.ndarray, block: int) -> np.ndarray:
+def input_row_weights(mean_abs: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
+    """Per input channel, the weight of its error in the layer's output: E|x_k / s_k|^2, with the
+    mean |x| as the magnitude (what the statistics hold)."""
+    m = mean_abs.astype(np.float64) / (scales.astype(np.float64) if scales is not None else 1.0)
+    return np.maximum(m * m, 1e-12 * float(np.max(m * m)) if m.size else 0.0)
+
+
+def _effective_error(w: np.ndarray, s: np.ndarray, block: int, mean_abs: np.ndarray | None = None) -> np.ndarray:
     """W - Q(diag(s) W) / s for a [K, N] weight: the error the quantized layer adds to x @ W."""
     s64 = s.astype(np.float64)[:, None]
-    q, scale = quantize_blocks(w * s64, 0, block)
+    rows = input_row_weights(mean_abs, s) if mean_abs is not None else None
+    q, scale = quantize_blocks(w * s64, 0, block, row_weights=rows)
     return w - dequantize_blocks(q, scale, 0, block) / s64
 
 
@@ -148,13 +176,14 @@ def search_group(group: Group, stats: dict) -> None:
     errors = {}
     for alpha in ALPHAS:
         s = scales_for(mean_abs, alpha)
-        residual = {name: _effective_error(w, s, block) for name, w in weights.items()}
+        residual = {name: _effective_error(w, s, block, mean_abs) for name, w in weights.items()}
         errors[alpha] = sum(energy(x, residual[w]) for x, w in pairs)
     best = min(ALPHAS, key=lambda a: (errors[a], a))  # ties: the smaller alpha (0 = RTN, no Mul)
 
     def db(err: float) -> float | None:
         return round(10 * np.log10(signal / err), 2) if err > 0 and signal > 0 else None
 
+    group.mean_abs = mean_abs
     group.method, group.alpha = "awq", best
     group.scales = scales_for(mean_abs, best) if best > 0 else None
     group.search = {"layers": nodes, "inputs": inputs, "alpha": best, "sample_rows": int(sum(x.shape[0] for x, _ in pairs)),

@@ -27,7 +27,14 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from optimizer.pass_base import Pass, PassContext, PassResult, Tolerance, register_pass
 from passes.graph_utils import constant_values, is_default_domain, is_graph_output, unique_name
 from passes.bias_correction import apply_bias_correction, bias_shift
-from passes.int4_awq import collect_group_stats, dequantize_blocks, plan_groups, quantize_blocks, search_group
+from passes.int4_awq import (
+    collect_group_stats,
+    dequantize_blocks,
+    input_row_weights,
+    plan_groups,
+    quantize_blocks,
+    search_group,
+)
 from passes.scale_folding import apply_fold, insert_input_scale, plan_fold
 from passes.match import producer
 from passes.opset import default_opset
@@ -201,7 +208,8 @@ def find_embeddings(graph: gs.Graph, block_size: int, min_elements: int, exclude
 
 
 def quantize_weight_tensor(graph: gs.Graph, tensor: gs.Tensor, readers: list[gs.Node], k_axis: int, block: int,
-                           scales: np.ndarray | None = None, prescaled: bool = False) -> tuple[dict, np.ndarray, np.ndarray]:
+                           scales: np.ndarray | None = None, prescaled: bool = False,
+                           mean_abs: np.ndarray | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
     """Replace ``tensor`` (for ``readers``) by ``DequantizeLinear(int4, scale, axis, block_size)``.
 
     With AWQ ``scales`` (float32 [K]) the stored weight is ``diag(scales) W`` -- ``prescaled``:
@@ -213,7 +221,9 @@ def quantize_weight_tensor(graph: gs.Graph, tensor: gs.Tensor, readers: list[gs.
     shape[k_axis] = -1
     rows = scales.astype(np.float64).reshape(shape) if scales is not None else None
     given = weight.astype(np.float64) * (rows if rows is not None and not prescaled else 1.0)
-    q, scale = quantize_blocks(given, k_axis, block)
+    # the per-block clip minimizes the output's error when the input's magnitudes are known
+    row_weights = input_row_weights(mean_abs, scales) if mean_abs is not None else None
+    q, scale = quantize_blocks(given, k_axis, block, row_weights=row_weights)
     base = tensor.name
     q_const = int4_constant(unique_name(graph, f"{base}_int4"), q)
     s_const = gs.Constant(unique_name(graph, f"{base}_int4_scale"), scale)
@@ -276,7 +286,10 @@ class QuantizeInt4(Pass):
 
     - MatMul with a constant 2-D float32 weight B ([K, N]) and Gemm with a constant B (transB 0:
       axis 0; transB 1, [N, K]: axis 1; transA must be 0). Symmetric INT4 per block of B input
-      channels (scale = amax / 7, zero point 0), stored packed two values per byte; activations,
+      channels (scale = r * amax / 7, zero point 0, r in 1.0 ... 0.75 chosen per block for the least
+      squared error, weighted by each input channel's mean |x|^2 when calibration data exists:
+      clipping a block's rare largest values buys resolution for the rest), stored packed two
+      values per byte; activations,
       biases and scales stay float32. A weight read by several layers is quantized once.
     - ``block_size`` (32, 64, 128; default 128): when K is not a multiple of it, the largest of
       128/64/32 not above it that divides K is used (counted as ``block_size_reduced``); when none
@@ -372,7 +385,8 @@ class QuantizeInt4(Pass):
         for group in groups:
             for weight, readers in group.weights():
                 info, given, restored = quantize_weight_tensor(graph, weight, [r.node for r in readers], readers[0].k_axis,
-                                                               readers[0].block, group.scales, id(group) in prescaled)
+                                                               readers[0].block, group.scales, id(group) in prescaled,
+                                                               group.mean_abs)
                 details["weights"][weight.name] = info
                 for r in (r for r in readers if r.source.name in means):  # the mean of what the layer now reads
                     mean = means[r.source.name] / (group.scales if group.scales is not None else 1.0)

@@ -149,15 +149,32 @@ def _run(model, spec, calibration=None, verify="numeric"):
 
 def test_block_quantization_round_trips_and_is_symmetric():
     w = np.random.default_rng(0).normal(size=(256, 40))
-    q, scale = quantize_blocks(w, 0, 128)
+    q, scale = quantize_blocks(w, 0, 128, clip=False)
     assert q.shape == w.shape and scale.shape == (2, 40) and scale.dtype == np.float32
     assert q.min() >= -7 and q.max() <= 7  # symmetric: amax maps to +-7
     np.testing.assert_allclose(scale, np.abs(w.reshape(2, 128, 40)).max(axis=1) / 7, rtol=1e-6)
     err = np.abs(dequantize_blocks(q, scale, 0, 128) - w)
     assert np.all(err <= np.repeat(scale, 128, axis=0) / 2 + 1e-7)  # round to nearest
-    qt, st = quantize_blocks(w.T, 1, 128)  # the transposed layout gives the transposed result
+    qt, st = quantize_blocks(w.T, 1, 128, clip=False)  # the transposed layout gives the transposed result
     np.testing.assert_array_equal(qt, q.T)
     np.testing.assert_array_equal(st, scale.T)
+
+
+def test_clip_search_lowers_block_error_and_never_raises_it():
+    w = np.random.default_rng(1).normal(size=(512, 64))
+    plain_q, plain_s = quantize_blocks(w, 0, 128, clip=False)
+    q, s = quantize_blocks(w, 0, 128)
+    amax = np.abs(w.reshape(4, 128, 64)).max(axis=1) / 7
+    assert np.all(s <= amax * (1 + 1e-6)) and np.all(s >= 0.75 * amax * (1 - 1e-6))
+    blockwise = lambda q_, s_: ((dequantize_blocks(q_, s_, 0, 128) - w) ** 2).reshape(4, 128, 64).sum(axis=1)
+    assert np.all(blockwise(q, s) <= blockwise(plain_q, plain_s) + 1e-12)  # per block: never worse
+    assert blockwise(q, s).sum() < 0.9 * blockwise(plain_q, plain_s).sum()  # Gaussian weights: clearly better
+    # weighting rows by the input's energy moves the choice toward the channels that matter
+    rows = np.ones(512)
+    rows[:8] = 1e4
+    qw, sw = quantize_blocks(w, 0, 128, row_weights=rows)
+    heavy = lambda q_, s_: float(((dequantize_blocks(q_, s_, 0, 128) - w)[:8] ** 2).sum())
+    assert heavy(qw, sw) <= heavy(q, s)
 
 
 def test_gemm_transb_and_block_fallback_match_numpy_exactly():
