@@ -106,7 +106,11 @@ class SmoothQuant(Pass):
     Options: ``alpha`` (0.5; 0 moves nothing into the activations, 1 everything into the weights),
     ``exclude`` (node names -- a consumer or the producer -- whose group is left alone),
     ``min_channels`` (16: narrower activations are skipped, ``skipped_too_few_channels``),
-    ``clone_producers`` (true). Details, per site: producer, consumers, the activation's
+    ``clone_producers`` (true), ``min_outlier_ratio`` (4: an activation whose largest channel
+    maximum is under 4x the median channel's has no outliers to migrate and is left alone,
+    ``skipped_no_outlier_channels``; measured, smoothing such flat activations moves INT8 accuracy
+    by noise either way, while on outlier channels it gains several dB; 0 smooths everything).
+    Details, per site: producer, consumers, the activation's
     max/median channel ratio before and after, the weights' likewise, and the range of ``s``.
     """
 
@@ -119,12 +123,15 @@ class SmoothQuant(Pass):
     exclude: list[str] = field(default_factory=list)
     min_channels: int = 16
     clone_producers: bool = True
+    min_outlier_ratio: float = 4.0
 
     def __post_init__(self):
         if not 0.0 <= float(self.alpha) <= 1.0:
             raise ValueError(f"alpha must be between 0 and 1, got {self.alpha}")
         if int(self.min_channels) < 1:
             raise ValueError(f"min_channels must be >= 1, got {self.min_channels}")
+        if float(self.min_outlier_ratio) < 0:
+            raise ValueError(f"min_outlier_ratio must be >= 0, got {self.min_outlier_ratio}")
         self.alpha = float(self.alpha)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
@@ -157,6 +164,9 @@ class SmoothQuant(Pass):
             wmax = np.max([np.abs(weight_rows(c)).max(axis=1) for c in plan.consumers], axis=0)
             if st.amax.size != wmax.size:
                 skip("channel_mismatch", plan.tensor, plan.consumers)
+                continue
+            if channel_ratio(st.amax) < self.min_outlier_ratio:  # flat channels: nothing to migrate
+                skip("no_outlier_channels", plan.tensor, plan.consumers)
                 continue
             s, n_clipped = smoothing_scales(st.amax, wmax, self.alpha)
             if np.all(s == 1.0):

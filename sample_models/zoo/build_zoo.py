@@ -1266,13 +1266,26 @@ def build_ort_dynquant(name="ort_dynquant", opset=13):
 
 
 # --------------------------------------------------------------------------- 16. Hugging Face transformers (tiny configs, dynamo)
+#: Hidden channels where trained transformers concentrate their activation outliers (BERT, OPT, ViT,
+#: Whisper all show a few such channels, 10-100x the median: Bondarenko et al. 2021, Dettmers et al.
+#: 2022, Sun et al. 2024); perturb_hf amplifies these LayerNorm channels so INT8 meets them here too.
+OUTLIER_CHANNELS = (3, 17)
+OUTLIER_FACTOR = 20.0
+
+
 def perturb_hf(model: nn.Module) -> nn.Module:
     """Make a freshly initialized transformers model look trained: every (zero-initialized) bias gets
-    N(0, 0.02) added, LayerNorm weights U(0.8, 1.2)."""
+    N(0, 0.02) added, LayerNorm weights U(0.8, 1.2), and every LayerNorm's weight and bias on
+    ``OUTLIER_CHANNELS`` multiplied by ``OUTLIER_FACTOR`` (the outlier channels of trained models)."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.LayerNorm):
                 m.weight.uniform_(0.8, 1.2)
+                channels = [c for c in OUTLIER_CHANNELS if c < m.weight.numel()]
+                m.weight[channels] *= OUTLIER_FACTOR
+                if m.bias is not None:
+                    m.bias[channels] += 0.5  # a shifted outlier, as in trained models
+                    m.bias[channels] *= OUTLIER_FACTOR
         for pname, p in model.named_parameters():
             if pname.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.02)

@@ -291,9 +291,9 @@ def _pipeline(argv):
 
 
 def test_int8_flag_inserts_upgrade_right_before_quantize():
-    assert _pipeline(["m.onnx", "--passes", "cleanup", "--int8"]) == "cleanup,upgrade-opset,quantize-int8"
+    assert _pipeline(["m.onnx", "--passes", "cleanup", "--int8"]) == "cleanup,upgrade-opset,smooth-quant,quantize-int8"
     text = _pipeline(["m.onnx", "--int8", "--fp16"])
-    assert text == PRESETS["default"] + ",upgrade-opset,quantize-int8,convert-fp16"
+    assert text == PRESETS["default"] + ",upgrade-opset,smooth-quant,quantize-int8,convert-fp16"
     assert _pipeline(["m.onnx", "--passes", "upgrade-opset(min=14),cleanup", "--int8"]).count("upgrade-opset") == 1
     assert "upgrade-opset" not in _pipeline(["m.onnx", "--fp16"])
 
@@ -301,7 +301,7 @@ def test_int8_flag_inserts_upgrade_right_before_quantize():
 @pytest.mark.parametrize("preset", ["int8", "best"])
 def test_int8_presets_upgrade_before_quantizing(preset):
     names = [p.name for p in PassManager(preset).steps[1:]]
-    assert names[:2] == ["upgrade-opset", "quantize-int8"]
+    assert names[:3] == ["upgrade-opset", "smooth-quant", "quantize-int8"]  # smooth-quant: lossless, before Q/DQ
     assert _pipeline(["m.onnx", "--preset", preset, "--int8"]) == PRESETS[preset]
 
 

@@ -54,7 +54,7 @@ def calib(n: int = 24, seed: int = 1) -> dict[str, np.ndarray]:
     return {"x": np.random.default_rng(seed).normal(0, 1, (n, 6, C)).astype(np.float32)}
 
 
-def smooth(model, spec="smooth-quant", data=None, verify="numeric"):
+def smooth(model, spec="smooth-quant(min_outlier_ratio=0)", data=None, verify="numeric"):
     ctx = PassContext(calibration=data) if data is not None else PassContext()
     result = PassManager(spec, verify=verify, strict=True).run(model, ctx)
     return result, result.records[-1]
@@ -64,7 +64,7 @@ def smooth(model, spec="smooth-quant", data=None, verify="numeric"):
 def test_lossless_on_the_zoo_transformers(name):
     model = onnx.load(str(ZOO / f"{name}.onnx"))
     npz = ZOO / f"{name}.npz"
-    result, record = smooth(model, "fuse-layernorm,default,smooth-quant", data=str(npz))
+    result, record = smooth(model, "fuse-layernorm,default,smooth-quant(min_outlier_ratio=0)", data=str(npz))
     assert record.name == "smooth-quant" and record.changed and not record.rolled_back, record.stats
     assert record.stats["smoothed_sites"] >= 4 and record.verification == "passed"
     assert record.details["statistics"]["from"] == "calibration" and record.details["statistics"]["samples"] == 8
@@ -116,8 +116,8 @@ def test_second_run_on_the_same_data_is_a_no_op_and_alpha_composes():
                                                    "skipped_already_balanced": 1}
     # re-smoothing with another alpha lands where smoothing the original with it lands (up to the
     # 1 % within which a channel counts as balanced and is left alone)
-    direct, _ = smooth(model, "smooth-quant(alpha=0.8)", data=data)
-    composed, _ = smooth(first.model, "smooth-quant(alpha=0.8)", data=data)
+    direct, _ = smooth(model, "smooth-quant(alpha=0.8,min_outlier_ratio=0)", data=data)
+    composed, _ = smooth(first.model, "smooth-quant(alpha=0.8,min_outlier_ratio=0)", data=data)
     get = lambda r: {t.name: numpy_helper.to_array(t) for t in r.model.graph.initializer}  # noqa: E731
     for name in ("gamma", "beta", "wq", "wv"):
         np.testing.assert_allclose(get(composed)[name], get(direct)[name], rtol=0.011, atol=1e-6, err_msg=name)
@@ -129,11 +129,11 @@ def test_refusals_are_counted_by_reason():
     _, record = smooth(block(relu_branch=True), data=data)
     assert record.stats["skipped_producer_not_foldable"] == 1 and record.stats["skipped_graph_input"] == 1
     assert record.stats["smoothed_sites"] == 1
-    _, record = smooth(block(residual=True), "smooth-quant(clone_producers=false)", data=data)
+    _, record = smooth(block(residual=True), "smooth-quant(clone_producers=false,min_outlier_ratio=0)", data=data)
     assert not record.changed and record.stats["skipped_output_has_other_consumers"] == 1
-    _, record = smooth(block(), "smooth-quant(min_channels=64)", data=data)
+    _, record = smooth(block(), "smooth-quant(min_channels=64,min_outlier_ratio=0)", data=data)
     assert not record.changed and record.stats["skipped_too_few_channels"] == 1
-    _, record = smooth(block(), "smooth-quant(exclude=[mm_k])", data=data)
+    _, record = smooth(block(), "smooth-quant(exclude=[mm_k],min_outlier_ratio=0)", data=data)
     assert not record.changed and record.stats["skipped_excluded"] == 1
     _, record = smooth(block(), verify="off")  # no calibration data and no verification inputs
     assert not record.changed and record.stats["skipped_no_calibration_data"] == 1
@@ -167,11 +167,11 @@ def test_idempotent_on_the_sample_transformer_with_the_managers_own_inputs():
     """As the registry-wide contract runs it (no calibration data): the verification inputs give
     the statistics; a second numeric run on them finds every site balanced."""
     model = onnx.load(str(SAMPLES / "transformer" / "model.onnx"))
-    first = PassManager("default,smooth-quant", verify="numeric", strict=True).run(model)
+    first = PassManager("default,smooth-quant(min_outlier_ratio=0)", verify="numeric", strict=True).run(model)
     record = first.records[-1]
     assert record.changed and record.stats["smoothed_sites"] == 2
     assert_same_outputs(model, first.model, rtol=1e-5, atol=1e-6)
-    second = PassManager("smooth-quant", verify="numeric", strict=True).run(first.model).records[-1]
+    second = PassManager("smooth-quant(min_outlier_ratio=0)", verify="numeric", strict=True).run(first.model).records[-1]
     assert not second.changed and second.stats["skipped_already_balanced"] == 2
 
 
@@ -198,3 +198,12 @@ def test_chained_groups_are_balanced_after_one_run():
     assert_same_outputs(model, first.model, data)
     _, again = smooth(first.model, data=data)
     assert not again.changed and again.stats["skipped_already_balanced"] == 2
+
+
+def test_flat_activations_are_left_alone_by_default():
+    """The outlier gate: an activation without outlier channels has nothing to migrate."""
+    model = onnx.load(str(ZOO / "transformer_mha.onnx"))  # random init: per-channel maxima within 2x
+    _, record = smooth(model, "fuse-layernorm,default,smooth-quant", data=str(ZOO / "transformer_mha.npz"))
+    assert not record.changed and record.stats.get("skipped_no_outlier_channels", 0) > 0, record.stats
+    _, forced = smooth(model, "fuse-layernorm,default,smooth-quant(min_outlier_ratio=0)", data=str(ZOO / "transformer_mha.npz"))
+    assert forced.changed
