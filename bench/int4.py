@@ -59,33 +59,21 @@ OURS = {
 # -- data (the zoo builder's recipes, other seeds) --------------------------------------------
 
 
-def zipf_ids(rng, shape, low, high):
-    ranks = np.minimum(rng.zipf(1.3, size=shape), high - low) - 1
-    perm = np.random.default_rng(0).permutation(high - low)
-    return (low + perm[ranks]).astype(np.int64)
+def _zoo_builder():
+    """``sample_models/zoo/build_zoo.py`` (its data recipes: the zoo's .npz inputs come from them)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "sample_models" / "zoo"))
+    import build_zoo
 
-
-def bert_rows(rng, n, seq=16):
-    ids, mask, types = (np.zeros((n, seq), np.int64) for _ in range(3))
-    for i in range(n):
-        length = seq if i % 3 == 0 else int(rng.integers(7, seq))
-        pair = i % 2 == 1
-        row = [2] + list(zipf_ids(rng, length, 5, 100)[: length - (3 if pair else 2)])
-        if pair:
-            cut = 1 + (len(row) - 1) // 2
-            row = row[:cut] + [3] + row[cut:]
-            types[i, cut + 1: length] = 1
-        ids[i, :length] = row + [3]
-        mask[i, :length] = 1
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    return build_zoo
 
 
 def samples(name, n, seed):
     rng = np.random.default_rng(seed)
+    zoo = _zoo_builder()
     if name == "hf_bert":
-        return bert_rows(rng, n)
+        return zoo.bert_rows(rng, n)
     if name == "hf_gpt2":
-        feeds = {"input_ids": zipf_ids(rng, (n, 16), 2, 100)}
+        feeds = {"input_ids": zoo.zipf_ids(rng, (n, 16), 2, 100)}
         feeds["input_ids"][::4, 0] = 1
         return feeds
     return {"features": rng.normal(size=(n, 10, 12)).astype(np.float32)}

@@ -391,26 +391,6 @@ def crnn_lines(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
     return {"image": ((x - 0.5) / 0.5).astype(np.float32)}
 
 
-def bert_rows(rng: np.random.Generator, n: int, seq: int = 16) -> dict[str, np.ndarray]:
-    """``build_hf_bert``'s rows (inline in the builder): [CLS] Zipf word ids [SEP], pairs on odd rows."""
-    zipf_ids = zoo_builder().zipf_ids
-    cls, sep = 2, 3
-    ids, mask, types = (np.zeros((n, seq), np.int64) for _ in range(3))
-    for i in range(n):
-        length = seq if i % 3 == 0 else int(rng.integers(7, seq))
-        pair = i % 2 == 1
-        words = zipf_ids(rng, length, 5, 100)
-        row = [cls] + list(words[: length - (3 if pair else 2)])
-        if pair:
-            cut = 1 + (len(row) - 1) // 2
-            row = row[:cut] + [sep] + row[cut:]
-            types[i, cut + 1: length] = 1
-        row.append(sep)
-        ids[i, :length] = row
-        mask[i, :length] = 1
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-
-
 def zoo_generators() -> dict:
     bz = zoo_builder()
     return {
@@ -419,7 +399,7 @@ def zoo_generators() -> dict:
         "crnn_ocr": crnn_lines,
         "tiny_detector": lambda r, n: {"images": bz.image_batch(r, (n, 3, 48, 48))},
         "mobilenet_v2_tiny": lambda r, n: {"input": bz.image_batch(r, (n, 3, 32, 32))},
-        "hf_bert": bert_rows,
+        "hf_bert": bz.bert_rows,
         "transformer_mha": lambda r, n: {"features": r.normal(size=(n, 10, 12)).astype(np.float32)},
     }
 

@@ -1299,6 +1299,26 @@ def zipf_ids(rng: np.random.Generator, shape, low: int, high: int) -> np.ndarray
     return (low + perm[ranks]).astype(np.int64)
 
 
+def bert_rows(rng: np.random.Generator, n: int, seq: int = 16) -> dict[str, np.ndarray]:
+    """BERT inputs: [CLS] Zipf word pieces [SEP] ([PAD]=0, [CLS]=2, [SEP]=3, words in [5, 100)),
+    some rows padded, sentence pairs (token type 1 after the middle [SEP]) on odd rows."""
+    cls, sep = 2, 3
+    ids, mask, types = (np.zeros((n, seq), np.int64) for _ in range(3))
+    for i in range(n):
+        length = seq if i % 3 == 0 else int(rng.integers(7, seq))
+        pair = i % 2 == 1
+        words = zipf_ids(rng, length, 5, 100)
+        row = [cls] + list(words[: length - (3 if pair else 2)])
+        if pair:
+            cut = 1 + (len(row) - 1) // 2
+            row = row[:cut] + [sep] + row[cut:]
+            types[i, cut + 1: length] = 1
+        row.append(sep)
+        ids[i, :length] = row
+        mask[i, :length] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
 def export_hf(model, args, path: Path, opset: int, input_names, output_names) -> None:
     """Dynamo export with dynamic batch/sequence on every input. The per-node
     ``pkg.torch.onnx.stack_trace`` metadata (absolute paths into site-packages, ~40% of the file) is
@@ -1344,24 +1364,7 @@ def build_hf_bert(name="hf_bert", opset=18):
                         intermediate_size=64, max_position_embeddings=64, type_vocab_size=2, pad_token_id=0)
     names = ["input_ids", "attention_mask", "token_type_ids"]
     model = BertFeatures(perturb_hf(BertModel(config, add_pooling_layer=False))).eval()
-    rng = np.random.default_rng(17)
-    seq, cls, sep = 16, 2, 3  # [PAD]=0, [CLS]=2, [SEP]=3, word pieces in [5, 100)
-    ids = np.zeros((SAMPLES, seq), np.int64)
-    mask = np.zeros((SAMPLES, seq), np.int64)
-    types = np.zeros((SAMPLES, seq), np.int64)
-    for i in range(SAMPLES):
-        length = seq if i % 3 == 0 else int(rng.integers(7, seq))      # some rows padded
-        pair = i % 2 == 1                                               # sentence pairs on odd rows
-        words = zipf_ids(rng, length, 5, 100)
-        row = [cls] + list(words[: length - (3 if pair else 2)])
-        if pair:
-            cut = 1 + (len(row) - 1) // 2
-            row = row[:cut] + [sep] + row[cut:]
-            types[i, cut + 1: length] = 1
-        row.append(sep)
-        ids[i, :length] = row
-        mask[i, :length] = 1
-    feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    feeds = bert_rows(np.random.default_rng(17), SAMPLES)
     path = HERE / f"{name}.onnx"
     export_hf(model, tuple(torch.from_numpy(feeds[k][:2]) for k in names), path, opset, names, ["last_hidden_state"])
     return name, model, path, feeds, f"transformers BertModel, dynamo, opset {opset}"

@@ -1,11 +1,12 @@
 """quantize-int4: block-wise INT4 weights behind DequantizeLinear, RTN and AWQ, differential in ORT."""
 
 import math
+import sys
 
 import numpy as np
 import onnx
 import pytest
-from helpers import op_types
+from helpers import SAMPLES, op_types
 from onnx import TensorProto, helper, numpy_helper
 
 from optimizer import PassContext, PassManager
@@ -13,7 +14,7 @@ from optimizer.runtime import OrtRunner
 from passes.int4_awq import dequantize_blocks, quantize_blocks
 from passes.quantize_int4 import QuantizeInt4
 
-ZOO = __import__("pathlib").Path(__file__).resolve().parents[2] / "sample_models" / "zoo"
+ZOO = SAMPLES / "zoo"
 TRANSFORMERS = ["hf_bert", "hf_gpt2", "transformer_mha"]
 #: the zoo's layers are 32..100 wide (1k-3k weights): quantize them all
 SMALL = "min_weight_elements=0"
@@ -22,33 +23,15 @@ SMALL = "min_weight_elements=0"
 # -- data like the zoo's .npz (sample_models/zoo/build_zoo.py), from other seeds -------------
 
 
-def _zipf_ids(rng, shape, low, high):
-    ranks = np.minimum(rng.zipf(1.3, size=shape), high - low) - 1
-    perm = np.random.default_rng(0).permutation(high - low)  # the zoo's common ids
-    return (low + perm[ranks]).astype(np.int64)
-
-
-def _bert_rows(rng, n, seq=16):
-    ids, mask, types = (np.zeros((n, seq), np.int64) for _ in range(3))
-    for i in range(n):
-        length = seq if i % 3 == 0 else int(rng.integers(7, seq))
-        pair = i % 2 == 1
-        row = [2] + list(_zipf_ids(rng, length, 5, 100)[: length - (3 if pair else 2)])
-        if pair:
-            cut = 1 + (len(row) - 1) // 2
-            row = row[:cut] + [3] + row[cut:]
-            types[i, cut + 1: length] = 1
-        ids[i, :length] = row + [3]
-        mask[i, :length] = 1
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-
-
 def zoo_like(name, n, seed):
     rng = np.random.default_rng(seed)
+    sys.path.insert(0, str(ZOO))
+    import build_zoo  # the zoo's own data recipes
+
     if name == "hf_bert":
-        return _bert_rows(rng, n)
+        return build_zoo.bert_rows(rng, n)
     if name == "hf_gpt2":
-        feeds = {"input_ids": _zipf_ids(rng, (n, 16), 2, 100)}
+        feeds = {"input_ids": build_zoo.zipf_ids(rng, (n, 16), 2, 100)}
         feeds["input_ids"][::4, 0] = 1
         return feeds
     return {"features": rng.normal(size=(n, 10, 12)).astype(np.float32)}
