@@ -14,7 +14,7 @@ from optimizer.pass_base import register_pass
 from passes.graph_utils import all_graphs, constant_values, is_default_domain
 from passes.match import producer
 from passes.pattern_utils import (
-    FLOAT_TYPES,
+    FUSABLE_FLOAT_TYPES,
     _close,
     _Counts,
     _disconnect,
@@ -244,7 +244,7 @@ class FuseGelu(Pass):
         if opset < GELU_MIN_OPSET:
             return "skipped_opset"
         dtype = m.half.dtype
-        if dtype.type not in FLOAT_TYPES or (m.x.dtype is not None and np.dtype(m.x.dtype) != dtype):
+        if dtype.type not in FUSABLE_FLOAT_TYPES or (m.x.dtype is not None and np.dtype(m.x.dtype) != dtype):
             return "skipped_dtype"
         if any(v.ndim for v, _ in m.constants):  # a [1]-shaped constant must not raise the rank
             rank = shapes.rank(m.x, m.output)

@@ -13,7 +13,7 @@ from optimizer.pass_base import register_pass
 from passes.graph_utils import all_graphs, constant_values, is_default_domain, only_consumer, unique_name
 from passes.match import match_chain
 from passes.pattern_utils import (
-    FLOAT_TYPES,
+    FUSABLE_FLOAT_TYPES,
     _Counts,
     _disconnect,
     _fits_rank,
@@ -196,7 +196,7 @@ class FuseLayerNorm(Pass):
         if eps is None or not _fits_rank(eps, rank):
             return "skipped_epsilon"
         dtype = eps.dtype
-        if dtype.type not in FLOAT_TYPES or (x.dtype is not None and np.dtype(x.dtype) != dtype):
+        if dtype.type not in FUSABLE_FLOAT_TYPES or (x.dtype is not None and np.dtype(x.dtype) != dtype):
             return "skipped_dtype"
         square_readers = [square, square] if square.op == "Mul" else [square]
         inner = [

@@ -15,6 +15,7 @@ import onnx_graphsurgeon as gs
 from optimizer.pass_base import Pass, PassContext, PassResult
 from optimizer.pass_base import register_pass
 from passes.graph_utils import (
+    FLOAT_TYPES,
     all_graphs,
     constant_values,
     evaluate_constant_expression,
@@ -27,7 +28,6 @@ from passes.graph_utils import (
 )
 from passes.match import producer
 
-FLOAT_TYPES = (np.float32, np.float16, np.float64)
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 

@@ -18,6 +18,36 @@ RANDOM_OPS = frozenset(
 )
 
 
+#: The numpy float types passes treat as float data (bfloat16 and float8 are opt-in per pass).
+FLOAT_TYPES = (np.float16, np.float32, np.float64)
+
+
+class UnionFind:
+    """Disjoint sets over hashable, ordered keys (path halving). A set's root is its smallest key,
+    so the partition and its roots do not depend on the order of the unions."""
+
+    def __init__(self):
+        self.parent: dict = {}
+
+    def find(self, x):
+        parent = self.parent
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(self, a, b):
+        """Merge the sets of ``a`` and ``b``; returns ``(root, absorbed root)``, or None if already one."""
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return None
+        if rb < ra:
+            ra, rb = rb, ra
+        self.parent[rb] = ra
+        return ra, rb
+
+
 def all_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
     """``graph`` and every nested subgraph (If branches, Loop and Scan bodies)."""
     yield graph

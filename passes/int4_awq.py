@@ -18,7 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from optimizer.pass_base import PassContext
-from passes.graph_utils import constant_values
+from passes.graph_utils import UnionFind, constant_values
 
 log = logging.getLogger(__name__)
 
@@ -104,24 +104,17 @@ class Group:
 
 def plan_groups(layers: list) -> list[Group]:
     """Union the layers over shared activation inputs and shared weights."""
-    parent = list(range(len(layers)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    sets = UnionFind()
     first: dict[tuple[str, str], int] = {}
     for i, layer in enumerate(layers):
         for key in (("x", layer.source.name), ("w", layer.weight.name)):
             if key in first:
-                parent[find(i)] = find(first[key])
+                sets.union(first[key], i)
             else:
                 first[key] = i
     groups: dict[int, Group] = {}
     for i, layer in enumerate(layers):
-        groups.setdefault(find(i), Group()).layers.append(layer)
+        groups.setdefault(sets.find(i), Group()).layers.append(layer)
     return list(groups.values())
 
 

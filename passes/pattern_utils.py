@@ -18,7 +18,10 @@ import onnx_graphsurgeon as gs
 from optimizer.pass_base import PassResult
 from passes.graph_utils import constant_values, infer_tensor_types, is_default_domain, unique_name
 
-FLOAT_TYPES = (np.float32, np.float16)
+#: Float types the fused ops are emitted in: ONNX Runtime's fused Gelu and LayerNormalization
+#: kernels cover these (``graph_utils.FLOAT_TYPES`` also has float64, which fusion leaves alone).
+FUSABLE_FLOAT_TYPES = (np.float32, np.float16)
+
 #: Relative tolerance for recognizing the constants of a pattern (0.5, 1, sqrt(2), ...).
 CONSTANT_RTOL = 1e-4
 

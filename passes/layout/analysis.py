@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
 
-from passes.graph_utils import is_default_domain, unique_name
+from passes.graph_utils import UnionFind, is_default_domain, unique_name
 from passes.layout.handlers import HANDLERS, Plan
 from passes.layout.perms import Perm, channel_first_perm, compose, invert, is_identity, transposed_shape
 from passes.layout.transposes import LayoutGraph
@@ -27,25 +27,6 @@ class _Label:
     comp: int  # union-find key
 
 
-class _UnionFind:
-    def __init__(self):
-        self.parent: dict[int, int] = {}
-
-    def find(self, x: int) -> int:
-        self.parent.setdefault(x, x)
-        root = x
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[x] != root:
-            self.parent[x], x = root, self.parent[x]
-        return root
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[rb] = ra
-
-
 @dataclass
 class _Analysis:
     """Labels of every tensor, the nodes that would run untransposed, and the accepted regions."""
@@ -55,7 +36,7 @@ class _Analysis:
     aliases: dict[int, tuple[gs.Tensor, int]] = field(default_factory=dict)  # Transpose output == pre
     plans: dict[int, tuple[gs.Node, Plan]] = field(default_factory=dict)  # flipped nodes, topo order
     transposes: dict[int, gs.Node] = field(default_factory=dict)  # label-producing Transposes
-    uf: _UnionFind = field(default_factory=_UnionFind)
+    uf: UnionFind = field(default_factory=UnionFind)
     accepted: set[int] = field(default_factory=set)
     rejected: int = 0
     gain: int = 0  # Transposes the accepted regions remove

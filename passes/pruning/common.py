@@ -1,8 +1,7 @@
-"""What the pruning modules share: the verification tolerance, float types, layer ops, node labels."""
+"""What the pruning modules share: the verification tolerance, layer ops, node labels."""
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from optimizer.pass_base import Tolerance
@@ -13,7 +12,6 @@ from optimizer.pass_base import Tolerance
 #: (``--data``) and controlled by the accuracy-budget search.
 UNBOUNDED = Tolerance(rtol=float("inf"), atol=float("inf"), min_cosine=None, max_mismatch=0.0)
 
-FLOAT_TYPES = (np.float16, np.float32, np.float64)
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 

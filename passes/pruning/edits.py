@@ -17,6 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from passes.graph_utils import (
+    FLOAT_TYPES,
     constant_values,
     evaluate_constant_expression,
     is_default_domain,
@@ -24,7 +25,7 @@ from passes.graph_utils import (
     unique_name,
 )
 from passes.match import producer
-from passes.pruning.common import FLOAT_TYPES, _norm_axis
+from passes.pruning.common import _norm_axis
 from passes.pruning.maps import ChannelMap, _Use
 
 if TYPE_CHECKING:

@@ -12,6 +12,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from passes.graph_utils import (
+    UnionFind,
     constant_values,
     evaluate_constant_expression,
     infer_tensor_types,
@@ -68,7 +69,7 @@ class ChannelAnalysis:
         self.types = types
         self.track = track_constants
         self.sources: list[_Source] = []
-        self.parent: list[int] = []
+        self.uf = UnionFind()
         self.reasons: dict[int, list[str]] = {}
         self.carry: dict[str, ChannelMap] = {}
         self.const: dict[str, np.ndarray] = {}
@@ -80,18 +81,13 @@ class ChannelAnalysis:
 
     # -- union-find ------------------------------------------------------------------------
     def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
+        return self.uf.find(i)
 
     def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
+        roots = self.uf.union(a, b)
+        if roots is None:
             return
-        if rb < ra:
-            ra, rb = rb, ra
-        self.parent[rb] = ra
+        ra, rb = roots
         merged = self.reasons.pop(ra, []) + [r for r in self.reasons.pop(rb, []) if r not in self.reasons.get(ra, [])]
         if merged:
             self.reasons[ra] = list(dict.fromkeys(merged))
@@ -109,7 +105,6 @@ class ChannelAnalysis:
 
     def new_source(self, node: gs.Node | None, channels: int, tensor: str, blocked: str = "") -> int:
         self.sources.append(_Source(node, channels, tensor))
-        self.parent.append(len(self.parent))
         sid = len(self.sources) - 1
         if blocked:
             self.block_source(sid, blocked)

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from passes.graph_utils import constant_values, is_graph_output
-from passes.pruning.common import FLOAT_TYPES, _norm_axis
+from passes.graph_utils import FLOAT_TYPES, constant_values, is_graph_output
+from passes.pruning.common import _norm_axis
 from passes.pruning.edits import _ShapeEntry, _Slice
 from passes.pruning.maps import ChannelMap, Segment, _Blocked
 

@@ -15,7 +15,8 @@ import onnx_graphsurgeon as gs
 from optimizer.pass_base import Pass, PassContext, PassResult
 from optimizer.pass_base import register_pass
 from passes.graph_utils import constant_values, is_default_domain, set_model_metadata
-from passes.pruning.common import FLOAT_TYPES, LAYER_OPS, UNBOUNDED, _label
+from passes.graph_utils import FLOAT_TYPES
+from passes.pruning.common import LAYER_OPS, UNBOUNDED, _label
 from passes.pruning.edits import _pruned_name
 
 #: Model metadata key (``set_model_metadata``).

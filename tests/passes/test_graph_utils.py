@@ -32,3 +32,16 @@ def test_inferred_shapes_use_given_input_shapes_without_changing_the_graph():
     assert "y" not in infer_static_shapes(graph)
     assert infer_static_shapes(graph, {"x": (5, 3)})["y"] == ((5, 3), np.dtype(np.float32))
     assert graph.inputs[0].shape == ["N", 3]
+
+
+def test_union_find_roots_are_the_smallest_key_whatever_the_union_order():
+    from passes.graph_utils import UnionFind
+
+    for order in ([(1, 2), (3, 4), (2, 4)], [(4, 2), (2, 3), (1, 4)], [(3, 1), (4, 3), (2, 1)]):
+        sets = UnionFind()
+        for a, b in order:
+            sets.union(a, b)
+        assert {sets.find(k) for k in (1, 2, 3, 4)} == {1}
+    sets = UnionFind()
+    assert sets.union(5, 7) == (5, 7) and sets.union(7, 5) is None
+    assert sets.find(9) == 9  # an unseen key is its own set
