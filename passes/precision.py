@@ -240,9 +240,10 @@ class ConvertFp16(_LowerPrecision):
 
 
 #: Ops TensorRT cannot build in BF16 although ONNX allows it (measured with TensorRT-RTX 1.7 for
-#: SM89): HardSwish/HardSigmoid take only FLOAT, HALF or INT8 inputs; a BF16 ConvTranspose fails in
-#: Myelin's type inference. They stay float32 under convert-bf16.
-TENSORRT_NO_BF16 = ("HardSwish", "HardSigmoid", "ConvTranspose")
+#: SM89, one model per op of ``LOW_PRECISION_OPS``: tests/passes/test_precision_bf16.py): HardSwish
+#: takes only FLOAT, HALF or INT8 inputs; a BF16 ConvTranspose fails in Myelin's type inference.
+#: They stay float32 under convert-bf16.
+TENSORRT_NO_BF16 = ("HardSwish", "ConvTranspose")
 
 @register_pass
 @dataclass
@@ -260,7 +261,7 @@ class ConvertBf16(_LowerPrecision):
     Conv, ConvTranspose and the pooling ops only from opset 22, so below that they stay float32
     -- run ``upgrade-opset`` first on models older than opset 13), and none of these hold:
     - its op is a reduction or normalization, Pow/Exp/Log, or a recurrent layer, or one TensorRT
-      cannot build in BF16 (HardSwish, HardSigmoid, ConvTranspose) (``keep_ops``);
+      cannot build in BF16 (HardSwish, ConvTranspose) (``keep_ops``);
     - it is in an INT8 region: it reads a DequantizeLinear output, or a QuantizeLinear is reachable
       from it through float ops (so after ``quantize-int8`` BF16 covers what stayed float);
     - its name is listed in ``exclude``; it lives in an If/Loop/Scan body (left in float32).

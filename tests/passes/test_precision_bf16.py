@@ -259,3 +259,58 @@ def test_bf16_transformer_parses_and_builds_with_tensorrt_rtx(name):
     check = check_model(result.model)
     assert check.parsed and check.built and check.ok, (check.unsupported, check.errors)
     assert check.engine_bytes > 0
+
+
+# -- every op convert-bf16 emits builds in TensorRT-RTX ----------------------------------------------
+def _one_op_model(op, attrs=None, consts=(), shape=(1, 8, 8, 8), inputs=1):
+    """x (float32) -> op(x, constants) -> y, at opset 22 (Conv/pooling take bfloat16 from 22)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))
+    inits = [numpy_helper.from_array(v, n) for n, v in consts if v is not None]
+    names = ["x"] * inputs + [n if v is not None else "" for n, v in consts]
+    node = helper.make_node(op, names, ["y"], name=op.lower(), **(attrs or {}))
+    graph = helper.make_graph([node], "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 22)], ir_version=10)
+
+
+def _f(*shape):
+    return np.random.default_rng(0).normal(size=shape).astype(np.float32)
+
+
+ONE_OP_CASES = {
+    "Conv": dict(consts=[("w", _f(8, 8, 3, 3))], attrs={"pads": [1, 1, 1, 1]}),
+    "MatMul": dict(consts=[("w", _f(8, 8))]),
+    "Gemm": dict(shape=(4, 8), consts=[("w", _f(8, 8))]),
+    **{op: dict(consts=[("c", _f(8))]) for op in ("Add", "Sub", "Mul", "Div", "Min", "Max", "PRelu")},
+    **{op: {} for op in ("Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh", "Elu", "Selu", "Gelu", "Erf",
+                         "Softsign", "Abs", "Neg", "Reciprocal", "GlobalAveragePool", "GlobalMaxPool")},
+    "Clip": dict(consts=[("lo", np.array(-1, np.float32)), ("hi", np.array(1, np.float32))]),
+    "Concat": dict(inputs=2, attrs={"axis": 1}),
+    "MaxPool": dict(attrs={"kernel_shape": [2, 2]}),
+    "AveragePool": dict(attrs={"kernel_shape": [2, 2]}),
+    "Softmax": dict(attrs={"axis": -1}),
+    "Resize": dict(consts=[("roi", None), ("scales", np.array([1, 1, 2, 2], np.float32))], attrs={"mode": "linear"}),
+    "DepthToSpace": dict(attrs={"blocksize": 2}),
+}
+
+
+@pytest.mark.parametrize("op", sorted(ONE_OP_CASES))
+def test_every_op_converted_to_bf16_builds_in_tensorrt_rtx(op):
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX not installed (pip install tensorrt-rtx-cu12)")
+    from optimizer.tensorrt_rtx import check_model
+
+    model = _one_op_model(op, **ONE_OP_CASES[op])
+    result = PassManager("convert-bf16").run(model)
+    record = result.records[0]
+    assert not record.rolled_back, record.error
+    types = {t.name: t.data_type for t in result.model.graph.initializer}
+    assert record.changed or op == "Concat", record.stats  # Concat of the input alone may stay float
+    checked = check_model(result.model)
+    assert checked.built, (op, checked.errors[:1], [u.reason for u in checked.unsupported][:1], types)
+
+
+@pytest.mark.parametrize("op", ["HardSwish", "ConvTranspose"])
+def test_ops_tensorrt_cannot_build_in_bf16_stay_float32(op):
+    consts = [("w", _f(8, 8, 2, 2))] if op == "ConvTranspose" else []
+    model = _one_op_model(op, consts=consts, attrs={"strides": [2, 2]} if op == "ConvTranspose" else None)
+    record = PassManager("convert-bf16").run(model).records[0]
+    assert not record.changed and record.stats.get("fp32_kept_op") == 1, record.stats
