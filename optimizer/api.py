@@ -191,9 +191,10 @@ def optimize(
                 report.warnings.append(
                     "accuracy figures rest on SYNTHETIC inputs (no --data or --calib given): they say nothing about real accuracy"
                 )
-    from optimizer.precision_map import precision_summary
+    from optimizer.precision_map import precision_summary, precision_warnings
 
     report.precision = precision_summary(result.model, result.records)
+    report.warnings += [w for w in precision_warnings(result.records) if w not in report.warnings]
     rolled = [r for r in result.records if r.rolled_back]
     if rolled:
         report.rolled_back = [{"pass": r.spec, "iteration": r.iteration, "why": r.error} for r in rolled]

@@ -83,3 +83,20 @@ def precision_summary(model: onnx.ModelProto, records=()) -> dict:
             stored[TYPE_NAMES.get(t.data_type, str(t.data_type))] += _tensor_bytes(t)
     return {"layers": layers, "counts": dict(Counter(layer["precision"] for layer in layers)),
             "bytes": dict(sorted(stored.items(), key=lambda kv: -kv[1]))}
+
+
+def precision_warnings(records) -> list[str]:
+    """One line per precision pass (``precision_flag``) that ran but changed nothing, with the
+    reasons it counted, so that ``--fp8`` on a model it cannot touch does not pass silently."""
+    from optimizer.registry import available_passes
+
+    passes = available_passes()
+    lines = []
+    for record in records:
+        cls = passes.get(record.name)
+        flag = getattr(cls, "precision_flag", None)
+        if not flag or record.changed or record.rolled_back:  # rolled back passes are reported as such
+            continue
+        reasons = ", ".join(f"{k[len('skipped_'):]} ({v})" for k, v in record.stats.items() if k.startswith("skipped_") and v)
+        lines.append(f"{record.name} (--{flag}) changed nothing" + (f": {reasons}" if reasons else ""))
+    return lines

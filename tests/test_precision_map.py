@@ -36,3 +36,13 @@ def test_float_model_is_all_fp32():
     summary = precision_summary(model)
     assert set(summary["counts"]) == {"fp32"} and summary["counts"]["fp32"] == len(summary["layers"]) > 0
     assert set(summary["bytes"]) >= {"fp32"}
+
+
+def test_a_precision_pass_that_changes_nothing_is_named_with_its_reasons():
+    from optimizer.precision_map import precision_warnings
+
+    model = onnx.load(str(SAMPLES / "digits_cnn" / "model.onnx"))  # opset 17: FP8 needs 19
+    result = PassManager("quantize-fp8").run(model, PassContext(calibration=_npz(SAMPLES / "digits_cnn" / "calib.npz")))
+    assert precision_warnings(result.records) == ["quantize-fp8 (--fp8) changed nothing: opset_below_19 (1)"]
+    upgraded = PassManager("upgrade-opset(min=19),quantize-fp8").run(model, PassContext(calibration=_npz(SAMPLES / "digits_cnn" / "calib.npz")))
+    assert precision_warnings(upgraded.records) == []
