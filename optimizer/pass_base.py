@@ -189,7 +189,7 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
         cls = dataclasses.dataclass(cls)
     name = cls.name
     if not _NAME.match(name or ""):
-        raise ValueError(f"pass {cls.__qualname__} needs a kebab-case `name` (e.g. 'fuse-conv-bn'), got {name!r}")
+        raise ValueError(f"pass {cls.__qualname__} needs a kebab-case `name` (e.g. 'fold-my-op'), got {name!r}")
     if name in ("fixpoint",):
         raise ValueError(f"'{name}' is reserved by the pipeline syntax")
     if not (cls.__doc__ or "").strip() or cls.__doc__.startswith(cls.__name__ + "("):
