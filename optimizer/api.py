@@ -39,6 +39,37 @@ class OptimizeResult:
     shapes: ShapePlan | None = None
 
 
+def _with_run_settings(function):
+    """Issue 14: run ``optimize`` with the ``executor`` and ``calib_batch_size`` it was given
+    installed (``calibration.executor.run_settings``), and record the executor in the report."""
+    import functools
+
+    @functools.wraps(function)
+    def wrapper(*args, executor=None, calib_batch_size=None, **kwargs):
+        from calibration.executor import run_settings
+
+        with run_settings(executor, calib_batch_size) as settings:
+            try:
+                result = function(*args, **kwargs)
+            except PassError as exc:
+                if executor is not None and getattr(exc, "report", None) is not None:
+                    record_executor(exc.report, settings.executor)
+                raise
+        if executor is not None:
+            record_executor(result.report, settings.executor)
+        return result
+
+    return wrapper
+
+
+def record_executor(report: Report, executor) -> None:
+    """The executor, its workers and per-stage tasks and times, under ``samples.executor``."""
+    describe = getattr(executor, "describe", None)
+    info = describe() if callable(describe) else {"executor": executor.name, "workers": executor.workers}
+    report.samples = dict(report.samples or {}, executor=info)
+
+
+@_with_run_settings
 def optimize(
     model: str | os.PathLike | onnx.ModelProto,
     pipeline: str | Step | list = "default",
@@ -57,6 +88,8 @@ def optimize(
     hooks: list[Hook] | None = None,
     progress: Callable[[str, int | None], Callable[..., None]] | None = None,
     metric=None,
+    executor=None,
+    calib_batch_size: int | None = None,
 ) -> OptimizeResult:
     """Optimize ``model`` with ``pipeline``; save to ``output`` when given (never over the input).
 
@@ -73,7 +106,10 @@ def optimize(
     ``optimizer.budget``). ``lossy_finite_only``: verify lossy passes only for finite outputs
     (default: when a budget is set). ``metric``: a task metric (built-in name, ``module:function``
     or a callable ``f(outputs, reference, labels) -> points``; ``optimizer.task_metrics``) used by
-    the evaluation, ``method=auto`` and the budget. Raises ``InputError``/``PipelineError`` for bad input.
+    the evaluation, ``method=auto`` and the budget. ``executor``: where independent work runs
+    (``calibration.executor``; e.g. ``optimizer.ray_executor.RayExecutor(workers=2)``), default
+    in-process; ``calib_batch_size``: samples calibration reads at a time (default 16). Neither
+    changes the model written. Raises ``InputError``/``PipelineError`` for bad input.
     """
     start = time.perf_counter()
     loaded_metric = load_metric(metric)

@@ -30,6 +30,8 @@ examples:
   optimize check-trt model.opt.onnx
   optimize model.pt2 --int8 --calib calib.npz         # a torch.export program (torch.export.save)
   optimize inspect model.onnx --json                   # what is in the model, what the passes would do
+  optimize model.onnx --int8 --calib calib.npz --workers 2   # calibration sharded on a local Ray cluster
+  optimize batch models/ -o out/ --int8               # every .onnx in a folder (or a TOML manifest)
 """
 
 
@@ -88,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--workspace", type=int, metavar="MB", help="builder workspace limit in MiB")
     engine.add_argument("--check-trt", action="store_true",
                         help="report, per node, whether TensorRT-RTX's ONNX parser supports the optimized model")
+    add_scale_arguments(parser)
     parser.add_argument("--input-layout", choices=("keep", "nchw"), default="keep",
                         help="nchw: a channel-last model's inputs/outputs become NCHW (layout-nchw(io=nchw))")
     parser.add_argument("--verify", choices=("numeric", "structural", "off"), default="numeric",
@@ -105,6 +108,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--list-passes", action="store_true", help="list the passes with their help and exit")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     return parser
+
+
+def add_scale_arguments(parser: argparse.ArgumentParser) -> None:
+    """Issue 14: where independent work runs, and the calibration batch size."""
+    scale = parser.add_argument_group("scale-out (the model written is identical either way)")
+    scale.add_argument("--calib-batch-size", type=int, metavar="N",
+                       help="calibration samples read at a time (default 16; changes speed and memory, never the ranges)")
+    where = scale.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, metavar="N", help="start a local Ray cluster of N workers for this run")
+    where.add_argument("--ray", metavar="ADDRESS",
+                       help="join a Ray cluster: host:port, or auto (RAY_ADDRESS, or one started with `ray start`)")
+
+
+def executor_from_args(args: argparse.Namespace):
+    """A ``RayExecutor`` for --workers/--ray, else None (in-process); ``InputError`` with the
+    install hint when Ray is missing. The caller closes it."""
+    from optimizer.errors import InputError
+
+    if args.calib_batch_size is not None and args.calib_batch_size < 1:
+        raise InputError(f"--calib-batch-size must be a positive integer, got {args.calib_batch_size}")
+    if args.workers is None and args.ray is None:
+        return None
+    if args.workers is not None and args.workers < 1:
+        raise InputError(f"--workers must be a positive integer, got {args.workers}")
+    from optimizer.ray_executor import RayExecutor
+
+    return RayExecutor(address=args.ray, workers=args.workers)
 
 
 def list_passes() -> str:
@@ -242,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
         from optimizer import inspect as model_inspect
 
         return model_inspect.inspect_main(argv[1:])
+    if argv and argv[0] == "batch":
+        from optimizer.batch import batch_main
+
+        return batch_main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -347,7 +381,19 @@ def _run(args: argparse.Namespace) -> int:
         print(f"optimize: error: --calib needs --int8, --fp8, --int4, --fp16 or a pipeline with a pass that calibrates ({users})",
               file=sys.stderr)
         return 2
-    result = optimize(
+    executor = executor_from_args(args)
+    try:
+        result = _optimize_with(optimize, executor, args, steps, output, interactive)
+    finally:
+        if executor is not None:
+            executor.close()
+    report = result.report
+    args.resolved_shapes = result.shapes
+    return _finish(args, report, result, output)
+
+
+def _optimize_with(optimize, executor, args, steps, output, interactive):
+    return optimize(
         args.model,
         steps,
         output=output,
@@ -361,9 +407,12 @@ def _run(args: argparse.Namespace) -> int:
         max_accuracy_drop=args.max_accuracy_drop,
         progress=_progress_factory(interactive),
         metric=args.metric,
+        executor=executor,
+        calib_batch_size=args.calib_batch_size,
     )
-    report = result.report
-    args.resolved_shapes = result.shapes
+
+
+def _finish(args: argparse.Namespace, report, result, output: Path) -> int:
     if getattr(args, "pt2", None) is not None:  # optimize model.pt2: the PyTorch comparison
         args.pt2.annotate(report, result.model, args.data)
     code = 1 if report.status == "accuracy_failed" else 0

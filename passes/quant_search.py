@@ -9,6 +9,7 @@ the argmax agreement of the first output, ties broken by output SQNR) and keeps 
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -20,17 +21,47 @@ from optimizer.pass_base import PassContext
 log = logging.getLogger(__name__)
 
 
-def score_model(model, float_model, ctx: PassContext) -> tuple[float, float]:
-    """``(score, output SQNR in dB)`` of ``model`` against ``float_model`` on the scoring samples:
+class Scoring:
+    """The samples a pass scores its candidates on and the float model's outputs on them, computed
+    once per pass run and shared by every score (method selection, bias correction, reselection)."""
+
+    def __init__(self, float_model, ctx: PassContext):
+        self.float_model = float_model
+        self.ctx = ctx
+        self._batches: list[dict] | None = None
+        self._reference: list[dict] | None = None
+        self.scored_on = ""
+
+    @property
+    def batches(self) -> list[dict]:
+        if self._batches is None:
+            self._batches, self.scored_on = _scoring_batches(self.ctx, self.float_model)
+        return self._batches
+
+    @property
+    def reference(self) -> list[dict]:
+        if self._reference is None:
+            from optimizer.runtime import OrtRunner
+
+            runner = OrtRunner(self.float_model)
+            self._reference = [runner.run(b) for b in self.batches]
+        return self._reference
+
+    def score(self, outputs: list[dict]) -> tuple[float, float, str, list]:
+        """``(score, output SQNR in dB, score kind, metrics)`` of a candidate's ``outputs``."""
+        from optimizer.metrics import compare_batches
+
+        metrics = [m for m in compare_batches(self.reference, outputs) if m.cosine is not None]
+        return (*_score(metrics, outputs, self.reference, self.batches, self.ctx), metrics)
+
+
+def score_model(model, scoring: Scoring) -> tuple[float, float]:
+    """``(score, output SQNR in dB)`` of ``model`` against the float model on the scoring samples:
     the task metric when given, else the argmax agreement of the first output (else the SQNR)."""
-    from optimizer.metrics import compare_batches
     from optimizer.runtime import OrtRunner
 
-    batches, _ = _scoring_batches(ctx, float_model)
-    reference = [OrtRunner(float_model).run(b) for b in batches]
     runner = OrtRunner(model)
-    outputs = [runner.run(b) for b in batches]
-    return _score(compare_batches(reference, outputs), outputs, reference, batches, ctx)[:2]
+    return scoring.score([runner.run(b) for b in scoring.batches])[:2]
 
 
 def _score(metrics, outputs, reference, batches, ctx: PassContext) -> tuple[float, float, str]:
@@ -119,40 +150,50 @@ def calibrate(graph: gs.Graph, tensors: list[str], ctx: PassContext, method: str
     return candidates, info
 
 
-def select_method(graph: gs.Graph, float_model, qdq: dict[str, gs.Variable], candidates: dict[str, dict], ctx: PassContext):
+def select_method(graph: gs.Graph, scoring: Scoring, qdq: dict[str, gs.Variable], candidates: dict[str, dict]):
     """Score every candidate's scales end to end: the quantized model (scales swapped in) against
-    the float model, mean output SQNR in dB, on the verification samples. Returns
-    ``(chosen label, table, description of the samples)``."""
-    import time
+    the float model on the scoring samples. The candidates' model runs are independent tasks of the
+    run's executor (``calibration.executor``; in-process by default), the model and the batches
+    shared once; the scoring itself stays here. Returns ``(chosen label, table, description of the
+    samples)``."""
+    from calibration.executor import current_settings
 
+    quantized = _graph_model(graph)
+    scale_names = {name: _scale_constant(dq).name for name, dq in qdq.items()}
+    executor = current_settings().executor
+    batches = scoring.batches
+    model_ref, batches_ref = executor.share(quantized.SerializeToString()), executor.share(batches)
+    items = [(model_ref, batches_ref, {init: max(float(ranges[tensor]["scale"]), 1e-12) for tensor, init in scale_names.items()})
+             for ranges in candidates.values()]
+    runs = executor.map(candidate_outputs, items, stage="method selection")
+    table = []
+    for label, (outputs, seconds) in zip(candidates, runs):
+        start = time.perf_counter()
+        score, sqnr, kind, metrics = scoring.score(outputs)
+        table.append({"method": label, "score": round(score, 3), "score_kind": kind, "sqnr_db": round(sqnr, 3),
+                      "cosine": round(min((m.cosine for m in metrics), default=1.0), 6),
+                      "time_s": round(seconds + time.perf_counter() - start, 4)})
+    best = max(table, key=lambda row: (row["score"], row["sqnr_db"]))  # ties: output SQNR, then the earliest
+    return best["method"], table, scoring.scored_on
+
+
+def candidate_outputs(model_bytes: bytes, batches: list[dict], scales: dict[str, float]) -> tuple[list[dict], float]:
+    """One candidate's outputs on ``batches``: the serialized quantized model with the scale
+    initializers named in ``scales`` set; ``(outputs, seconds)``. A module-level function: it runs
+    as an executor task (in-process, or on a Ray worker)."""
     import onnx
     from onnx import numpy_helper
 
-    from optimizer.metrics import compare_batches
     from optimizer.runtime import OrtRunner
 
-    batches, scored_on = _scoring_batches(ctx, float_model)
-    reference = [OrtRunner(float_model).run(b) for b in batches]
-    quantized = _graph_model(graph)
-    scale_names = {name: _scale_constant(dq).name for name, dq in qdq.items()}
-    index = {init.name: i for i, init in enumerate(quantized.graph.initializer)}
-    table = []
-    for label, ranges in candidates.items():
-        start = time.perf_counter()
-        model = onnx.ModelProto()
-        model.CopyFrom(quantized)
-        for tensor, init_name in scale_names.items():
-            scale = np.asarray(max(float(ranges[tensor]["scale"]), 1e-12), np.float32)
-            model.graph.initializer[index[init_name]].CopyFrom(numpy_helper.from_array(scale, init_name))
-        runner = OrtRunner(model)
-        outputs = [runner.run(b) for b in batches]
-        metrics = [m for m in compare_batches(reference, outputs) if m.cosine is not None]
-        score, sqnr, kind = _score(metrics, outputs, reference, batches, ctx)
-        table.append({"method": label, "score": round(score, 3), "score_kind": kind, "sqnr_db": round(sqnr, 3),
-                      "cosine": round(min((m.cosine for m in metrics), default=1.0), 6),
-                      "time_s": round(time.perf_counter() - start, 4)})
-    best = max(table, key=lambda row: (row["score"], row["sqnr_db"]))  # ties: output SQNR, then the earliest
-    return best["method"], table, scored_on
+    start = time.perf_counter()
+    model = onnx.ModelProto()
+    model.ParseFromString(model_bytes)
+    for init in model.graph.initializer:
+        if init.name in scales:
+            init.CopyFrom(numpy_helper.from_array(np.asarray(scales[init.name], np.float32), init.name))
+    runner = OrtRunner(model)
+    return [runner.run(b) for b in batches], time.perf_counter() - start
 
 
 def _metric_score(metric, outputs: list[dict], reference: list[dict], batches: list[dict]) -> float | None:

@@ -29,6 +29,7 @@ from passes.quant_formats import INT8, QuantFormat, dequantize, quantize_weight
 from passes.quant_search import (
     AUTO_CANDIDATES,
     METHOD_CHOICES,
+    Scoring,
     _graph_model,
     _set_scale,
     _source_for,
@@ -270,6 +271,7 @@ class QuantizeInt8(Pass):
             return PassResult(False, stats={f"skipped_{k}": v for k, v in skipped.items()})
         activations = sorted({s.node.inputs[s.index].name for s in sites if s.kind == "activation"})
         float_model = _graph_model(graph) if (self.method == "auto" or self.bias_correction == "auto") else None
+        scoring = Scoring(float_model, ctx) if float_model is not None else None  # reference outputs: once
         targets = correction_targets([s for s in sites if s.kind == "weight"]) if self.bias_correction != "off" else []
         candidates, calib_info = calibrate(graph, activations, ctx, self.method, self.percentile, self.range_cache,
                                            self.auto_candidates, fmt.qmax)
@@ -305,7 +307,7 @@ class QuantizeInt8(Pass):
                 quantized_nodes.add(id(site.node))
                 details["nodes"].append(site.node.name)
         if len(candidates) > 1 and qdq:
-            chosen, table, scored_on = select_method(graph, float_model, qdq, candidates, ctx)
+            chosen, table, scored_on = select_method(graph, scoring, qdq, candidates)
             ranges = candidates[chosen]
             for name in details["tensors"]:
                 details["tensors"][name] = ranges[name]
@@ -321,8 +323,8 @@ class QuantizeInt8(Pass):
         if targets and not calib_info.get("synthetic"):
             # With several candidates, the corrected model's best method may differ from the
             # uncorrected one's: the (method, correction) pair is chosen jointly.
-            reselect = (lambda: select_method(graph, float_model, qdq, candidates, ctx)) if len(candidates) > 1 and qdq else None
-            correction = self._correct_biases(graph, targets, float_model, ctx, skipped, reselect)
+            reselect = (lambda: select_method(graph, scoring, qdq, candidates)) if len(candidates) > 1 and qdq else None
+            correction = self._correct_biases(graph, targets, float_model, scoring, ctx, skipped, reselect)
             details["bias_correction"] = correction
             if correction.get("chosen") and correction["chosen"] != details["method_selection"]["chosen"]:
                 chosen = correction["chosen"]
@@ -341,7 +343,7 @@ class QuantizeInt8(Pass):
         return PassResult(changed=bool(quantized_nodes), stats=stats, details=details)
 
 
-    def _correct_biases(self, graph: gs.Graph, targets, float_model, ctx: PassContext, skipped: dict,
+    def _correct_biases(self, graph: gs.Graph, targets, float_model, scoring, ctx: PassContext, skipped: dict,
                         reselect=None) -> dict:
         """Fold the mean shift weight quantization causes into the biases (``passes.bias_correction``);
         with ``bias_correction=auto`` keep it only if it scores better on the scoring samples --
@@ -360,7 +362,7 @@ class QuantizeInt8(Pass):
         # that node reads a new array: keep both, to undo exactly
         saved = [(node, list(node.inputs)) for node in graph.nodes]
         saved_values = [(t, t.values) for _, inputs in saved for t in inputs if isinstance(t, gs.Constant)]
-        before = score_model(_graph_model(graph), float_model, ctx) if self.bias_correction == "auto" else None
+        before = score_model(_graph_model(graph), scoring) if self.bias_correction == "auto" else None
         applied = apply_bias_correction(graph, corrections, skipped)
         info = {"applied": applied, "kept": True, "mode": self.bias_correction}
         if before is not None and applied:
@@ -371,7 +373,7 @@ class QuantizeInt8(Pass):
                 before = (round(before[0], 3), round(before[1], 3))  # the table's rounding
                 info.update(chosen=chosen, candidates_on=table)
             else:
-                after = score_model(_graph_model(graph), float_model, ctx)
+                after = score_model(_graph_model(graph), scoring)
             info.update(score_off=round(before[0], 3), score_on=round(after[0], 3),
                         sqnr_off=round(before[1], 3), sqnr_on=round(after[1], 3))
             if after <= before:  # no measurable gain: undo

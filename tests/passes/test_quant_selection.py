@@ -121,3 +121,29 @@ def test_rejected_bias_correction_leaves_the_model_as_without_it():
     assert info["applied"] > 0 and not info["kept"], info
     weights = {mode: {i.name: i.raw_data for i in r.model.graph.initializer} for mode, r in runs.items()}
     assert weights["auto"] == weights["off"]
+
+
+def test_candidates_run_as_executor_tasks_and_the_reference_is_computed_once(monkeypatch):
+    """Method selection fans its candidate model runs out through the run's executor (one task per
+    candidate) and scores them against float outputs computed once for the whole pass run."""
+    import passes.quant_search as qs
+    from calibration.executor import InProcessExecutor
+
+    computed = []
+    original = qs.Scoring.reference.fget
+
+    def counting(self):
+        if self._reference is None:
+            computed.append(1)
+        return original(self)
+
+    monkeypatch.setattr(qs.Scoring, "reference", property(counting))
+    folder = SAMPLES / "digits_cnn"
+    executor = InProcessExecutor()
+    result = optimize(folder / "model.onnx", "default,quantize-int8", data=folder / "eval.npz",
+                      calibration=folder / "calib.npz", executor=executor)
+    record = _quantization(result.report)
+    stages = [s for s in executor.stages if s.stage == "method selection"]
+    assert stages and all(s.tasks == len(AUTO_CANDIDATES) for s in stages)
+    assert len(record.details["method_selection"]["candidates"]) == len(AUTO_CANDIDATES)
+    assert len(computed) == 1, "the float model's outputs on the scoring samples are computed once per pass run"

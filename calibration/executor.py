@@ -1,0 +1,133 @@
+"""Where independent work runs: a tiny executor interface the core owns (in-process by default).
+
+Expensive, independent work -- calibration shards, search candidates, evaluation shards, whole
+models of a fleet -- is written as ``executor.map(fn, items, stage=...)``: ``fn`` is a module-level
+function, ``items`` a list of argument tuples, and the results come back in the order of
+``items``. ``InProcessExecutor`` (the default) calls ``fn`` here, one item after the other;
+``optimizer.ray_executor.RayExecutor`` runs one Ray task per item. Nothing below the driver imports
+Ray: the driver picks the executor and installs it for a run with ``run_settings``, and calibration
+code reads it with ``current_settings``. Results are identical either way, because every task's
+result is merged exactly (``TensorStats.merge``).
+
+``share(obj)`` hands a large input (a serialized model, reference outputs) to every task once: the
+object itself in-process, an object-store reference on Ray (resolved before ``fn`` runs when it is
+a top-level argument). Every ``map`` appends a ``StageRecord`` (tasks, wall time, summed task time)
+to ``executor.stages``; the report shows them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+#: Samples read (and statistics folded in) at a time by calibration when nobody asks otherwise.
+DEFAULT_CALIB_BATCH_SIZE = 16
+
+
+@dataclass
+class StageRecord:
+    """One ``map`` call: ``tasks`` run, ``wall_s`` for all of them, ``task_s`` summed over tasks
+    (measured inside each task, so ``wall_s - task_s / workers`` is the scheduling overhead)."""
+
+    stage: str
+    tasks: int
+    wall_s: float
+    task_s: float
+
+    def to_dict(self) -> dict:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Runs ``fn(*item)`` for every item; ``workers`` is how many run at once."""
+
+    name: str
+    workers: int
+    stages: list[StageRecord]
+
+    def map(self, fn: Callable[..., Any], items: Sequence[tuple], *, stage: str) -> list: ...
+
+    def share(self, obj: Any) -> Any: ...
+
+
+def timed_call(fn: Callable[..., Any], *args) -> tuple[Any, float]:
+    """``(fn(*args), seconds)``: what every executor runs per task, so task time is measured alike."""
+    start = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - start
+
+
+@dataclass
+class InProcessExecutor:
+    """The default: every task runs here, one after the other."""
+
+    name: str = "in-process"
+    workers: int = 1
+    stages: list[StageRecord] = field(default_factory=list)
+
+    def map(self, fn: Callable[..., Any], items: Sequence[tuple], *, stage: str) -> list:
+        start = time.perf_counter()
+        results, task_s = [], 0.0
+        for item in items:
+            result, seconds = timed_call(fn, *item)
+            results.append(result)
+            task_s += seconds
+        self.stages.append(StageRecord(stage, len(items), time.perf_counter() - start, task_s))
+        return results
+
+    def share(self, obj: Any) -> Any:
+        return obj
+
+    def describe(self) -> dict:
+        return {"executor": self.name, "workers": self.workers, "stages": [s.to_dict() for s in self.stages]}
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What one run's calibration reads besides its arguments: the executor and the calibration
+    batch size (samples read and folded in at a time; it never changes a statistic)."""
+
+    executor: Executor = field(default_factory=InProcessExecutor)
+    calib_batch_size: int = DEFAULT_CALIB_BATCH_SIZE
+
+
+_SETTINGS: contextvars.ContextVar[RunSettings | None] = contextvars.ContextVar("calibration_run_settings", default=None)
+
+
+def current_settings() -> RunSettings:
+    """The settings of the run in progress (in-process, default batch size outside any run)."""
+    settings = _SETTINGS.get()
+    return settings if settings is not None else RunSettings()
+
+
+@contextlib.contextmanager
+def run_settings(executor: Executor | None = None, calib_batch_size: int | None = None) -> Iterator[RunSettings]:
+    """Install ``executor`` and ``calib_batch_size`` for the code run inside the block."""
+    from optimizer.errors import InputError
+
+    if calib_batch_size is not None and (isinstance(calib_batch_size, bool) or not isinstance(calib_batch_size, int)
+                                         or calib_batch_size < 1):
+        raise InputError(f"calib_batch_size must be a positive integer, got {calib_batch_size!r}")
+    settings = RunSettings(executor if executor is not None else InProcessExecutor(),
+                           calib_batch_size or DEFAULT_CALIB_BATCH_SIZE)
+    token = _SETTINGS.set(settings)
+    try:
+        yield settings
+    finally:
+        _SETTINGS.reset(token)
+
+
+@contextlib.contextmanager
+def in_process() -> Iterator[RunSettings]:
+    """Inside a task: keep the run's batch size, but never fan out again."""
+    with run_settings(InProcessExecutor(), current_settings().calib_batch_size) as settings:
+        yield settings
+
+
+__all__ = ["DEFAULT_CALIB_BATCH_SIZE", "Executor", "InProcessExecutor", "RunSettings", "StageRecord", "current_settings",
+           "in_process", "run_settings", "timed_call"]
