@@ -22,13 +22,14 @@ X.npz``); ``held-out`` (``--holdout N``, default 64) -- N samples from the zoo b
 generators calibrate and N others evaluate (BERT rows as ``bench/quant.py`` builds them, GPT-2
 Zipf ids in [2, 100) at sequence 16, ``transformer_mha`` N(0, 1) features at sequence 10).
 
-The zoo's transformers are randomly initialized (``build_zoo.py`` ``perturb_hf``: biases
-N(0, 0.02), LayerNorm weights U(0.8, 1.2)), so their activations have none of the outlier
-channels trained transformers have (max/median per-channel |x| of 1.4-2.2 here, vs 10-100 in
-trained LLMs). ``--outliers`` (on by default) adds a second table on **outlier variants**: the
-same models with the LayerNorm weight (and bias) of a fixed set of channels multiplied by
-``--outlier-factor`` in every LayerNormalization, the way trained models concentrate massive
-activations in a few hidden dimensions; each variant is its own FP32 reference.
+The zoo's HF transformers are randomly initialized and then given the outlier channels trained
+transformers have (``build_zoo.py`` ``perturb_hf``: LayerNorm weight and bias x20 on channels 3
+and 17); ``transformer_mha`` (built by hand) has none (max/median per-channel |x| about 2).
+``--outliers`` adds a second table on **outlier variants**: the same models with the LayerNorm
+weight (and bias) of a fixed set of channels multiplied again by ``--outlier-factor`` in every
+LayerNormalization; each variant is its own FP32 reference. ``smooth-quant`` runs with its
+default outlier gate (``min_outlier_ratio=4``): an activation without outlier channels is left
+alone, so on ``transformer_mha`` as built the ``sq`` rows equal ``int8``.
 """
 
 from __future__ import annotations
