@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Benchmark ``optimize --preset default`` (and, with ``--compare``, onnxslim and onnxoptimizer).
 
-For every sample model (``sample_models/*/model.onnx``) and every ``light_*.onnx`` shipped in the
-installed onnx wheel, each tool runs as a separate child process; we record the child's
+For every sample model (``sample_models/*/model.onnx``), every zoo model (``sample_models/zoo/*.onnx``
+with its ``.npz``), the larger models of ``bench/build_large.py`` (``--large``: ``bench/large/``,
+built on first use) and every ``light_*.onnx`` shipped in the installed onnx wheel, each tool runs as a separate child process; we record the child's
 whole-process wall time (Python start-up and imports included) and peak RSS (``ru_maxrss`` of
 that process, read by ``/usr/bin/time -f '%e %M'`` or, without it, by a small ``os.wait4``
 trampoline), the output's node count (subgraphs included) and size on disk, and its largest
@@ -11,6 +12,7 @@ relative error against the original model in ONNX Runtime on the CPU.
     python bench/bench.py                      # ours only
     python bench/bench.py --compare            # ours, onnxslim, onnxoptimizer
     python bench/bench.py --models digits_cnn light_resnet50 --out /tmp/r.md
+    python bench/bench.py --compare --large --repeat 3   # + the > 5 MB models; median of 3 alternated runs
 
 This script only measures and reports: it never asserts on times. It deliberately imports nothing
 from ``optimizer``/``passes``/``calibration`` (those are what it measures, as a black box through
@@ -42,6 +44,8 @@ from measure import ChildRun, _measured, iter_graphs  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES_DIR = REPO / "sample_models"
+ZOO_DIR = SAMPLES_DIR / "zoo"
+LARGE_DIR = REPO / "bench" / "large"  # built by bench/build_large.py (not in the repository)
 LIGHT_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 EVAL_SAMPLES = 8  # samples of eval.npz used for the cross-tool error measurement
 SEED = 1  # same seed as the optimizer's own synthetic evaluation inputs
@@ -65,18 +69,25 @@ class BenchModel:
     data: Path | None = None
 
 
-def discover_models() -> list[BenchModel]:
+def discover_models(large: bool = False) -> list[BenchModel]:
     models = []
     for path in sorted(SAMPLES_DIR.glob("*/model.onnx")):
         data = path.parent / "eval.npz"
         models.append(BenchModel(path.parent.name, path, data if data.is_file() else None))
+    for path in sorted(ZOO_DIR.glob("*.onnx")):
+        data = path.with_suffix(".npz")
+        models.append(BenchModel(path.stem, path, data if data.is_file() else None))
+    if large:
+        for path in sorted(LARGE_DIR.glob("*.onnx")):
+            data = path.with_suffix(".npz")
+            models.append(BenchModel(path.stem, path, data if data.is_file() else None))
     for path in sorted(LIGHT_DIR.glob("light_*.onnx")):
         models.append(BenchModel(path.stem, path))
     return models
 
 
-def select_models(wanted: list[str] | None) -> list[BenchModel]:
-    models = discover_models()
+def select_models(wanted: list[str] | None, large: bool = False) -> list[BenchModel]:
+    models = discover_models(large)
     if not wanted:
         return models
     chosen = []
@@ -372,6 +383,36 @@ def auto_notes(rows, tools: list[str]) -> list[str]:
     return notes
 
 
+def _median_result(runs: list[ToolResult]) -> ToolResult:
+    """The first run's outputs (nodes, bytes, errors: the same every run) with median time and memory."""
+    first = runs[0]
+    walls = [r.wall_s for r in runs if r.wall_s is not None]
+    peaks = [r.peak_mb for r in runs if r.peak_mb is not None]
+    first.wall_s = float(np.median(walls)) if walls else None
+    first.peak_mb = float(np.median(peaks)) if peaks else None
+    return first
+
+
+def comparison_notes(rows, tools: list[str]) -> list[str]:
+    """Issue 16's acceptance, measured: nodes ours <= onnxslim's everywhere; wall time on > 5 MB models."""
+    if "onnxslim" not in tools:
+        return []
+    more, ratios = [], []
+    for model, base, results in rows:
+        ours, slim = results.get("ours"), results.get("onnxslim")
+        if not ours or not slim or ours.failed or slim.failed:
+            continue
+        if ours.nodes is not None and slim.nodes is not None and ours.nodes > slim.nodes:
+            more.append(f"`{model.name}` ({ours.nodes} vs {slim.nodes})")
+        if base.get("bytes", 0) > 5 * 2**20 and ours.wall_s and slim.wall_s:
+            ratios.append(f"`{model.name}` {ours.wall_s / slim.wall_s:.2f}×")
+    notes = ["ours has more nodes than onnxslim on: " + ", ".join(more) if more else
+             "ours has at most as many nodes as onnxslim on every model compared"]
+    if ratios:
+        notes.append("wall time ours / onnxslim on the models above 5 MB: " + ", ".join(ratios))
+    return notes
+
+
 def version_of(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)
@@ -387,9 +428,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "bench" / "results.md"), help="Markdown output file")
     parser.add_argument("--compare", action="store_true", help="also run onnxslim and onnxoptimizer")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before a child is killed")
+    parser.add_argument("--large", action="store_true",
+                        help="also the > 5 MB models of bench/build_large.py (built into bench/large/ if missing)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per tool and model, alternating the tools; wall time and peak RSS are medians")
     args = parser.parse_args(argv)
 
-    models = select_models(args.models)
+    if args.large and not any(LARGE_DIR.glob("*.onnx")):
+        print("[bench] building the large models (bench/build_large.py) ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, str(REPO / "bench" / "build_large.py")], check=True, cwd=REPO)
+    models = select_models(args.models, args.large)
     tools = list(TOOLS) if args.compare else ["ours"]
     skipped_notes = []
     available = {}
@@ -412,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Versions: {versions}.",
         "",
-        "One run per cell. Wall time and peak RSS are for the whole child process (interpreter start-up and "
+        (f"Median of {args.repeat} runs per cell, the tools alternated within each repetition. " if args.repeat > 1
+         else "One run per cell. ") + "Wall time and peak RSS are for the whole child process (interpreter start-up and "
         "imports included). Nodes count subgraphs; bytes are the output's size on disk. ours: "
         "`python -m optimizer.cli MODEL -o OUT --preset default --json [--data eval.npz]`, nodes/bytes/error from "
         "its JSON report (error over all of eval.npz where it exists). onnxslim: `python -m onnxslim MODEL OUT`. "
@@ -437,15 +486,18 @@ def main(argv: list[str] | None = None) -> int:
                 feeds, reference = None, None
                 skipped_notes.append(f"`{model.name}`: the original does not run in onnxruntime "
                                      f"({one_line(str(exc))}); errors not measured")
-            results: dict[str, ToolResult] = {}
-            for t in tools:
-                if not available[t]:
-                    continue
-                print(f"[bench] {model.name}: {t} ...", file=sys.stderr, flush=True)
-                results[t] = run_tool(t, model, scratch, reference, feeds, args.timeout)
-                r = results[t]
-                status = f"failed: {r.failed}" if r.failed else f"{r.nodes} nodes, rel {fmt_rel(r.max_rel)}"
-                print(f"[bench]   {r.wall_s:.2f} s, {fmt_float(r.peak_mb, 0)} MB, {status}", file=sys.stderr, flush=True)
+            runs: dict[str, list[ToolResult]] = {t: [] for t in tools if available[t]}
+            for rep in range(max(args.repeat, 1)):
+                order = list(runs)
+                order = order[rep % len(order):] + order[:rep % len(order)] if order else order  # alternate
+                for t in order:
+                    print(f"[bench] {model.name}: {t} (run {rep + 1}) ...", file=sys.stderr, flush=True)
+                    r = run_tool(t, model, scratch / f"r{rep}", reference, feeds, args.timeout)
+                    runs[t].append(r)
+                    status = f"failed: {r.failed}" if r.failed else f"{r.nodes} nodes, rel {fmt_rel(r.max_rel)}"
+                    print(f"[bench]   {r.wall_s:.2f} s, {fmt_float(r.peak_mb, 0)} MB, {status}", file=sys.stderr,
+                          flush=True)
+            results = {t: _median_result(rs) for t, rs in runs.items()}
             rows.append((model, base, results))
 
     if flat:
@@ -454,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
             "inputs (the light models' weights are ConstantOfShape fills), so a max rel err of 0 there is weak "
             "evidence of correctness; the sample models, run on real data, are the accuracy check"
         )
-    text = render(rows, tools, header, skipped_notes + auto_notes(rows, tools))
+    text = render(rows, tools, header, comparison_notes(rows, tools) + skipped_notes + auto_notes(rows, tools))
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

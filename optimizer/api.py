@@ -172,6 +172,7 @@ def optimize(
         raise
     report.passes = result.records
     report.verification = result.verification
+    report.time_breakdown = result.timing  # issue 16: where the manager's time went
     report.warnings = input_warnings + [w for w in result.warnings if w not in input_warnings]
     if static_shapes:
         report.warnings.append("--static-shapes: inputs may be fixed to " + ", ".join(

@@ -4,6 +4,8 @@ it, and the ``Hook`` interface (timing, statistics and verification are hooks: `
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import onnx
@@ -60,3 +62,29 @@ class Hook:
 
     def accepted(self, event: PassEvent) -> None:
         """Called once every hook's ``after_pass`` succeeded: the pass's model is now current."""
+
+
+class StageTimes:
+    """Seconds spent per stage of a run (graph import/export, checker, sessions, runs, passes...),
+    summed over the run: where verification's cost goes (``RunResult.timing``)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    @contextmanager
+    def measure(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(stage, time.perf_counter() - start)
+
+    def add(self, stage: str, seconds: float, count: int = 1) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+        self.counts[stage] = self.counts.get(stage, 0) + count
+
+    def to_dict(self) -> dict:
+        """``{stage: {"s": seconds, "calls": n}}``, largest first."""
+        order = sorted(self.seconds, key=self.seconds.get, reverse=True)
+        return {k: {"s": round(self.seconds[k], 4), "calls": self.counts[k]} for k in order}

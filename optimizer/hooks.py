@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -11,7 +12,7 @@ import onnx
 from calibration.sources import batch_len
 from optimizer.errors import InputError, VerificationError
 import optimizer.io as model_io
-from optimizer.events import Hook, PassEvent
+from optimizer.events import Hook, PassEvent, StageTimes
 from optimizer.metrics import compare_batches, first_violation
 from optimizer.pass_base import EXACT, PassContext, Tolerance
 from optimizer.runtime import OrtRunner, input_specs, run_like
@@ -53,13 +54,33 @@ class StatsHook(Hook):
         event.record.after = self._stats(event.after) if event.after is not None else event.record.before
 
 
-def check_structure(model: onnx.ModelProto, full: bool = True) -> None:
-    """onnx's checker (with strict shape inference when ``full``); raises onnx's ValidationError."""
+def check_structure(model: onnx.ModelProto, full: bool = True, runtime_loads: bool = False) -> None:
+    """onnx's checker (with strict shape inference when ``full``); raises onnx's ValidationError.
+
+    ``runtime_loads``: ONNX Runtime loads this very model next (numeric verification), which checks
+    the weights' data; the checker then sees the graph with its large initializers as typed inputs
+    (``passes.inference_model.without_weights``) instead of serializing every weight once more.
+    """
+    if runtime_loads:
+        from passes.inference_model import without_weights
+
+        model = without_weights(model)
     if model_io.weights_nbytes(model) > model_io.EXTERNAL_DATA_THRESHOLD:
         with model_io.model_on_disk(model) as path:
             onnx.checker.check_model(str(path), full_check=full)
     else:
         onnx.checker.check_model(model, full_check=full)
+
+
+@dataclass
+class Verdict:
+    """What ``VerifyHook.verify_model`` found: status, a one-line detail, per-output metrics, and
+    the candidate's outputs (None for a structural check)."""
+
+    status: str
+    detail: str
+    metrics: list = field(default_factory=list)
+    outputs: list[dict[str, np.ndarray]] | None = None
 
 
 class VerifyHook(Hook):
@@ -74,7 +95,7 @@ class VerifyHook(Hook):
     can find) are downgraded once, with a warning, instead of being blamed on a pass.
     """
 
-    def __init__(self, mode: str = "numeric", lossy_finite_only: bool = False):
+    def __init__(self, mode: str = "numeric", lossy_finite_only: bool = False, lazy_noise: bool = False):
         self.mode = mode
         # With an accuracy budget, lossy passes are held to the budget instead of their tolerance;
         # verification then only demands finite outputs of the right shape from them.
@@ -90,14 +111,19 @@ class VerifyHook(Hook):
         self.noise = None
         self.lossy_applied = False
         self._pending = None
+        self.lazy_noise = lazy_noise
+        self.stages = StageTimes()  # the manager hands its own in, to report where the time went
 
     def start(self, model: onnx.ModelProto, ctx: PassContext) -> None:
         self.lossy_applied, self._pending = False, None
+        stages = self.stages
         try:
-            check_structure(model, full=True)
+            with stages.measure("checker"):
+                check_structure(model, full=True, runtime_loads=self.numeric)
         except Exception as exc:
             try:
-                check_structure(model, full=False)
+                with stages.measure("checker"):
+                    check_structure(model, full=False)
                 self.full_check = False
                 self.warnings.append(f"original model fails strict shape inference ({_short(exc)}); checking without it")
             except Exception as exc2:
@@ -111,25 +137,36 @@ class VerifyHook(Hook):
                 batches = [_runnable_synthetic(model, ctx, self.warnings)]
                 ctx.verify_batches = batches  # passes that run the model themselves use runnable inputs
             self.original = model
-            runner = OrtRunner(model)
-            self.reference = [runner.run(b) for b in batches]
+            with stages.measure("sessions"):
+                runner = OrtRunner(model)
+            with stages.measure("runs"):
+                self.reference = [runner.run(b) for b in batches]
         except InputError as exc:
             self.numeric = False
             self.warnings.append(f"numeric verification unavailable, checking structure only: {exc}")
             return
         self.batches = batches
         self.previous = self.reference
-        from optimizer.noise import estimate_noise
-
-        self.noise = estimate_noise(model, batches, self.reference)
         samples = sum(batch_len(b) for b in batches)
         self.info = {
             "samples": samples,
             "batches": len(batches),
             "lossless_rule": f"|err| <= max({EXACT.atol:g} + {EXACT.rtol:g}*max|ref|, {EXACT.noise_multiple:g} x noise), "
             f"capped at {EXACT.ceiling_rel:g}*max|ref|",
-            "noise": self.noise.to_dict(),
+            "noise": {"measured": False, "why": "every check passed within the bound without noise"},
         }
+        if not self.lazy_noise:
+            self._measure_noise()
+
+    def _measure_noise(self) -> None:
+        """The original's float noise on the verification batches (``optimizer.noise``): two more
+        sessions and runs of the original. Lazily, on the first check the zero-noise bound fails --
+        the bound only grows with noise, so a check that passes without it passes with it."""
+        from optimizer.noise import estimate_noise
+
+        with self.stages.measure("noise"):
+            self.noise = estimate_noise(self.original, self.batches, self.reference)
+        self.info["noise"] = self.noise.to_dict()
         if self.noise.unstable:
             self.warnings.append(
                 f"output(s) {', '.join(self.noise.unstable)} change shape under float noise (e.g. box counts after NMS); "
@@ -141,47 +178,77 @@ class VerifyHook(Hook):
         if event.after is None:
             record.verification = "unchanged"
             return
+        cls = type(event.pass_)
+        try:
+            verdict = self.verify_model(event.after, cls.lossy, cls.tolerance)
+        except VerificationError as exc:
+            record.outputs, record.verification_detail = getattr(exc, "metrics", []), getattr(exc, "detail", "")
+            raise
+        record.verification, record.verification_detail = verdict.status, verdict.detail
+        record.outputs = verdict.metrics
+        self._pending = (verdict.outputs, cls.lossy) if verdict.outputs is not None else None
+
+    def verify_model(self, model: onnx.ModelProto, lossy: bool = False, tolerance: Tolerance = EXACT) -> Verdict:
+        """Check ``model`` (structure, then outputs against the original or, after a lossy pass,
+        the previous model); raise ``VerificationError`` when it fails. Nothing is accepted yet:
+        ``commit`` makes the checked model the new "previous" one."""
+        stages = self.stages
         if self.structural:
             try:
-                check_structure(event.after, full=self.full_check)
+                with stages.measure("checker"):
+                    check_structure(model, full=self.full_check, runtime_loads=self.numeric)
             except Exception as exc:
                 raise VerificationError(f"the model is no longer valid: {_short(exc)}") from None
         if not self.numeric:
-            record.verification = "passed" if self.structural else "skipped"
-            record.verification_detail = "structural"
-            return
-        runner = OrtRunner(event.after)
-        outputs = [run_like(self.original, event.after, runner, b) for b in self.batches]
-        lossy = type(event.pass_).lossy
-        tol = type(event.pass_).tolerance
-        if self.lossy_finite_only and lossy:
-            tol = FINITE_ONLY
+            return Verdict("passed" if self.structural else "skipped", "structural")
+        with stages.measure("sessions"):
+            runner = OrtRunner(model)
+        with stages.measure("runs"):
+            outputs = [run_like(self.original, model, runner, b) for b in self.batches]
+        try:
+            return self._judge(outputs, lossy, tolerance)
+        except VerificationError:
+            if self.noise is not None:
+                raise
+            self._measure_noise()  # the zero-noise bound failed: judge again with the real one
+            return self._judge(outputs, lossy, tolerance)
+
+    def _judge(self, outputs: list[dict[str, np.ndarray]], lossy: bool, tolerance: Tolerance) -> Verdict:
+        stages = self.stages
+        tol = FINITE_ONLY if (self.lossy_finite_only and lossy) else tolerance
         # Lossless passes must reproduce the original -- or, once a lossy pass has changed the
         # numerics, the previous model. A lossy pass is judged against the model it received, so a
         # later pass is never blamed for an earlier pass's loss.
         reference = self.previous if (lossy or self.lossy_applied) else self.reference
         unstable = set(self.noise.unstable) if self.noise else set()
         try:
-            metrics = compare_batches(
-                [{k: v for k, v in r.items() if k not in unstable} for r in reference],
-                [{k: v for k, v in o.items() if k not in unstable} for o in outputs],
-            )
+            with stages.measure("compare"):
+                metrics = compare_batches(
+                    [{k: v for k, v in r.items() if k not in unstable} for r in reference],
+                    [{k: v for k, v in o.items() if k not in unstable} for o in outputs],
+                )
         except ValueError as exc:
             raise VerificationError(str(exc)) from None
-        record.outputs = metrics
         # The model's noise bounds what a lossless rewrite may change; lossy passes are scale-free.
         noise = self.noise.outputs if (self.noise and not lossy) else {}
         bad = first_violation(metrics, tol, noise)
         worst = max(metrics, key=lambda m: m.max_rel, default=None)
         against = "previous model" if reference is self.previous and reference is not self.reference else "original"
-        record.verification_detail = f"numeric vs {against}: {worst.name}: {worst.describe()}" if worst else "numeric"
+        detail = f"numeric vs {against}: {worst.name}: {worst.describe()}" if worst else "numeric"
         if bad is not None:
-            raise VerificationError(
+            error = VerificationError(
                 f"output '{bad.name}' diverges from the {against}: {bad.describe()} ({_allowed(bad, tol, noise.get(bad.name))})",
                 output_name=bad.name,
             )
-        self._pending = (outputs, lossy)
-        record.verification = "passed"
+            error.metrics, error.detail = metrics, detail
+            raise error
+        return Verdict("passed", detail, metrics, outputs)
+
+    def commit(self, verdict: Verdict, lossy: bool = False) -> None:
+        """``verdict``'s model is now the current one (its outputs are the new "previous")."""
+        if verdict.outputs is not None:
+            self.previous = verdict.outputs
+            self.lossy_applied |= lossy
 
     def accepted(self, event: PassEvent) -> None:
         pending, self._pending = self._pending, None

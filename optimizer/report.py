@@ -45,6 +45,7 @@ class Report:
     rolled_back: list[dict] = field(default_factory=list)  # passes undone: pass, iteration, why
     torch: dict | None = None  # from_torch / .pt2: exporter, fallback_reason, PyTorch vs exported / optimized
     precision: dict | None = None  # per layer: the precision it runs in and why; bytes stored per type
+    time_breakdown: dict | None = None  # pass manager: seconds and calls per stage, replayed groups (issue 16)
 
     # -- derived -----------------------------------------------------------------------------
     @property
@@ -89,6 +90,7 @@ class Report:
             "trt_check": self.trt_check,
             "torch": self.torch,
             "precision": self.precision,
+            "time_breakdown": self.time_breakdown,
             "warnings": list(self.warnings),
         }
 

@@ -18,11 +18,12 @@ from passes.graph_utils import (
     all_graphs,
     constant_values,
     evaluate_constant_expression,
-    infer_tensor_types,
     is_constant_expression,
     is_default_domain,
     is_graph_output,
 )
+from passes.inference_model import infer
+from passes.symbolic_shapes import fold_symbolic_targets
 from passes.simplify_utils import _Names, _position, _result, _shape, _slice_inputs, _static
 
 log = logging.getLogger(__name__)
@@ -59,22 +60,40 @@ class FoldShapes(Pass):
     shapes that contradict the model's static dims or the verification inputs are not used
     (``skipped_input_shapes``).
 
+    Symbolic dims (``symbolic=true``, the default): a ``Reshape`` or ``Expand`` whose shape operand
+    is still computed at run time (``Shape -> Gather -> Unsqueeze -> Concat`` of a dynamic tensor)
+    gets a constant operand when shape inference knows its output shape up to symbols it can say
+    as "this input dim" -- ``0`` in a Reshape target (not with ``allowzero=1``), ``1`` in an
+    Expand shape -- plus, in a Reshape, one ``-1``; one that gives its input's own shape becomes an
+    ``Identity``; the chain that computed the operand is then dead. Dynamic dims stay dynamic:
+    ``x[N,T,256] -> Reshape(Concat(Shape(x)[0], Shape(x)[1], 4, 64))`` becomes
+    ``Reshape(x, [0, 0, 4, 64])``. ``Unsqueeze(Unsqueeze(x, a), b)`` becomes one Unsqueeze. The
+    shapes come from onnx's inference with data propagation (run in opset 14 for older models:
+    only there does Reshape use propagated values) and, for what that leaves unresolved on graphs
+    up to 250 nodes, ONNX Runtime's symbolic shape inference (without ``auto_merge``, which would
+    assume conflicting dims equal), which keeps symbols through ``Range`` and broadcasting.
+    Not folded: targets needing two new symbols, static 0 sizes; ``Range``/``ConstantOfShape``
+    driven by symbolic dims (their values are dynamic). A ``-1`` target cannot be resolved on an
+    empty input (a 0-sized dim), where the original's copied dims could.
+
     Counted: ``shapes_folded``, ``shape_reads_folded``, ``tensors_folded`` (values downstream),
-    ``inputs_made_static``, ``skipped_dynamic`` (shapes left dynamic), ``skipped_unevaluable``.
-    Q/DQ and random ops are never evaluated. Options: ``use_input_shapes`` (default true),
-    ``max_bytes`` (default 1024: shape-sized tensors only).
+    ``reshapes_folded``/``expands_folded`` (symbolic), ``inputs_made_static``, ``skipped_dynamic``
+    (shapes left dynamic), ``skipped_unevaluable``. Q/DQ and random ops are never evaluated.
+    Options: ``use_input_shapes`` (default true), ``max_bytes`` (default 1024: shape-sized tensors
+    only), ``symbolic`` (default true).
     """
 
     name = "fold-shapes"
     requires_any_op = frozenset({"Shape", "Size"})
     use_input_shapes: bool = True
     max_bytes: int = 1024
+    symbolic: bool = True
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         counts: Counter = Counter()
         given = self._given_shapes(graph, ctx, counts) if self.use_input_shapes else {}
-        types = infer_tensor_types(graph, given)
-        model_only = infer_tensor_types(graph) if given else types
+        types, symbols = infer(graph, given)
+        model_only, symbols = infer(graph) if given else (types, symbols)
         names = _Names(graph)
         changed = relies_on_given = False
         for g in list(all_graphs(graph)):
@@ -110,6 +129,13 @@ class FoldShapes(Pass):
             if folded:
                 changed = True
                 self._fold_downstream(g, folded, types, names, counts)
+        if self.symbolic:
+            if changed:  # the static folds changed the graph: infer its symbols again
+                graph.cleanup(remove_unused_graph_inputs=False).toposort()
+                symbols = None
+            symbolic = fold_symbolic_targets(graph, names, symbols)
+            counts.update({k: v for k, v in symbolic.items() if v})
+            changed |= any(symbolic.values())
         if relies_on_given:
             for inp in graph.inputs:
                 if inp.name in given:

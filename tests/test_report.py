@@ -14,7 +14,7 @@ from optimizer.cli import main
 DIGITS = SAMPLES / "digits_cnn"
 TOP_KEYS = {"schema", "tool_version", "status", "error", "model", "output", "pipeline", "verify", "summary",
             "passes", "accuracy", "budget", "engine", "trt_check", "warnings", "inputs", "samples", "verification",
-            "rolled_back", "torch", "precision"}
+            "rolled_back", "torch", "precision", "time_breakdown"}
 
 
 @pytest.fixture(scope="module")

@@ -40,9 +40,13 @@ def test_static_shape_chain_folds_into_a_constant():
 def test_dynamic_input_without_given_shapes_is_left_dynamic():
     model = parse_model(RESHAPE_BY_SHAPE.format(dims="N, S, 4", out="N, S, 2, 2"))
     result = run_twice(model, "fold-shapes")
-    assert not result.records[0].changed
-    assert stats(result)["skipped_dynamic"] == 1
+    assert stats(result)["skipped_dynamic"] == 1 and "inputs_made_static" not in stats(result)
     assert input_shape(result.model) == ["N", "S", 4]
+    # the symbolic fold: the target is [0, 0, 2, 2] (copy N and S), the Shape chain is gone
+    assert stats(result)["reshapes_folded"] == 1 and op_types(result.model) == ["Reshape"]
+    for shape in ((1, 1, 4), (2, 5, 4), (3, 7, 4)):
+        assert_same_outputs(model, result.model, random_inputs(model, shapes={"x": shape}))
+    assert run_twice(model, "fold-shapes(symbolic=false)").records[0].changed is False
 
 
 def test_given_input_shapes_are_folded_and_baked_into_the_inputs():
@@ -59,7 +63,7 @@ def test_given_input_shapes_are_folded_and_baked_into_the_inputs():
 def test_given_shapes_can_be_declined():
     model = parse_model(RESHAPE_BY_SHAPE.format(dims="N, S, 4", out="N, S, 2, 2"))
     ctx = PassContext(input_shapes={"x": (2, 5, 4)})
-    result = run_twice(model, "fold-shapes(use_input_shapes=false)", ctx=ctx)
+    result = run_twice(model, "fold-shapes(use_input_shapes=false,symbolic=false)", ctx=ctx)
     assert not result.records[0].changed
     assert input_shape(result.model) == ["N", "S", 4]
 
@@ -70,7 +74,7 @@ def test_given_shapes_that_contradict_the_model_or_the_data_are_not_used(given, 
     ctx = PassContext(input_shapes={"x": given})
     if reference is not None:
         ctx.reference_inputs = {"x": np.zeros(reference, np.float32)}
-    result = PassManager("fold-shapes", verify="structural").run(model, ctx)
+    result = PassManager("fold-shapes(symbolic=false)", verify="structural").run(model, ctx)
     assert not result.records[0].changed
     assert stats(result)["skipped_input_shapes"] == 1
     assert input_shape(result.model) == ["N", "S", 4]
