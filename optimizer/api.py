@@ -52,7 +52,7 @@ def _with_run_settings(function):
             try:
                 result = function(*args, **kwargs)
             except PassError as exc:
-                if executor is not None and getattr(exc, "report", None) is not None:
+                if executor is not None and exc.report is not None:
                     record_executor(exc.report, settings.executor)
                 raise
         if executor is not None:

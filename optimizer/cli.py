@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run_pt2(args) if str(args.model).lower().endswith(".pt2") else _run(args)
     except OptimizerError as exc:
         print(f"optimize: error: {exc}", file=sys.stderr)
-        report = getattr(exc, "report", None)
+        report = exc.report
         if report is not None:
             _emit_report(report, args)
         return exc.exit_code
@@ -455,7 +455,7 @@ def _run_pt2(args: argparse.Namespace) -> int:
         try:
             return _run(args)
         except OptimizerError as exc:
-            if getattr(exc, "report", None) is not None:
+            if exc.report is not None:
                 exc.report.model_path = str(source)
             raise
 

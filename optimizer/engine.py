@@ -24,15 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from optimizer.errors import OptimizerError
+from optimizer.errors import EngineUnavailableError
 
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = 'pip install ".[tensorrt]" (TensorRT wheels come from NVIDIA\'s package index)'
-
-
-class EngineUnavailableError(OptimizerError):
-    """TensorRT or a usable GPU is missing (exit code 2)."""
 
 
 def cuda_device_count() -> int:

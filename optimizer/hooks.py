@@ -182,7 +182,7 @@ class VerifyHook(Hook):
         try:
             verdict = self.verify_model(event.after, cls.lossy, cls.tolerance)
         except VerificationError as exc:
-            record.outputs, record.verification_detail = getattr(exc, "metrics", []), getattr(exc, "detail", "")
+            record.outputs, record.verification_detail = exc.metrics, exc.detail
             raise
         record.verification, record.verification_detail = verdict.status, verdict.detail
         record.outputs = verdict.metrics
@@ -238,9 +238,8 @@ class VerifyHook(Hook):
         if bad is not None:
             error = VerificationError(
                 f"output '{bad.name}' diverges from the {against}: {bad.describe()} ({_allowed(bad, tol, noise.get(bad.name))})",
-                output_name=bad.name,
+                output_name=bad.name, metrics=metrics, detail=detail,
             )
-            error.metrics, error.detail = metrics, detail
             raise error
         return Verdict("passed", detail, metrics, outputs)
 

@@ -198,10 +198,10 @@ class PassManager:
                 return False
             message = f"pass '{p.spec()}' failed: {record.error} (passes before it: {before})"
             if isinstance(exc, VerificationError):
-                error: PassError = VerificationError(message, p.name, event.passes_before, exc.output_name)
+                error: PassError = VerificationError(message, p.name, event.passes_before, exc.output_name,
+                                                     records=state.records)
             else:
-                error = PassError(message, p.name, event.passes_before)
-            error.records = state.records
+                error = PassError(message, p.name, event.passes_before, records=state.records)
             raise error from exc
         for hook in self.hooks:
             hook.accepted(event)

@@ -190,7 +190,7 @@ def check_regression(
         result = optimize(model, pipeline, data=data, shapes=shapes, calibration=calibration, verify="numeric",
                           lossy_finite_only=True, metric=metric)
     except PassError as exc:
-        report = getattr(exc, "report", None)
+        report = exc.report
         check = CheckResult([], report, errors=[str(exc)], first_bad_pass=exc.pass_name or None)
         return check
     report = result.report

@@ -31,7 +31,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import onnx
 from onnx import external_data_helper
 
-from optimizer.errors import InputError, OptimizerError
+from optimizer.errors import InputError, TensorRTUnavailableError
 from optimizer.io import EXTERNAL_DATA_THRESHOLD, load_model, save_model, weights_nbytes, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -41,10 +41,6 @@ DEFAULT_COMPUTE_CAPABILITY = "SM89"
 
 Shape = tuple[int, ...]
 ShapeProfile = tuple[Shape, Shape, Shape]
-
-
-class TensorRTUnavailableError(OptimizerError):
-    """TensorRT-RTX (the ``tensorrt_rtx`` module) is not installed or cannot be loaded (exit code 2)."""
 
 
 @dataclass
