@@ -10,7 +10,7 @@ a copy of the model so that every other node touching bfloat16 runs in float32 b
 
 That is bf16 storage with float32 math, which is how TensorRT runs BF16 layers (it accumulates in
 float32), up to accumulation order. Nodes ORT runs natively in bf16 (``NATIVE_BF16_OPS``, each
-verified at several opsets in tests/test_emulation.py) are left alone; If/Loop/Scan bodies are
+verified at several opsets in tests/optimizer/test_emulation.py) are left alone; If/Loop/Scan bodies are
 rewritten the same way. ONNX Runtime's Python binding can neither take nor return bfloat16
 arrays, so bfloat16 graph inputs and outputs become float32 at the boundary (a Cast to bf16
 right after an input, a Cast to float32 right before an output): values stay exactly bf16.

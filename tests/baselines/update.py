@@ -1,6 +1,6 @@
 """Regenerate the committed accuracy baselines: ``python tests/baselines/update.py``.
 
-Each baseline is the JSON report of one (sample model, pipeline) run; ``tests/test_regression.py``
+Each baseline is the JSON report of one (sample model, pipeline) run; ``tests/optimizer/test_regression.py``
 re-runs the same pipeline and fails when accuracy, cosine or compression falls below it. Update
 them only when a change is *meant* to move these numbers, and say so in the commit message.
 """

@@ -1,7 +1,7 @@
 """convert-bf16: BF16 where ONNX allows it, float32 kept for reductions, Conv below opset 22, INT8.
 
 ONNX Runtime's CPU provider has no BF16 kernels; every run here goes through the emulation in
-``OrtRunner`` (tests/test_emulation.py checks it against numpy).
+``OrtRunner`` (tests/optimizer/test_emulation.py checks it against numpy).
 """
 
 import numpy as np

@@ -162,7 +162,7 @@ def test_sample_models_fp16_and_int8_outputs_build(name, preset):
     """CI proof that our explicit-precision outputs (FP16 types, INT8 Q/DQ) parse and build."""
     from optimizer import optimize
 
-    folder = Path(__file__).resolve().parent.parent / "sample_models" / name
+    folder = Path(__file__).resolve().parents[2] / "sample_models" / name
     result = optimize(folder / "model.onnx", preset, data=folder / "eval.npz",
                       calibration=folder / "calib.npz" if preset == "int8" else None)
     checked = check_model(result.model, build=True)

@@ -11,7 +11,7 @@ from helpers import SAMPLES
 from optimizer.cli import main
 from optimizer.testing import assert_no_regression
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "baselines"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "baselines"))
 from update import CASES, baseline_path  # noqa: E402
 
 DIGITS = SAMPLES / "digits_cnn"
