@@ -215,9 +215,20 @@ def infer_tensor_types(
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as exc:  # custom ops, invalid models: what was not inferred stays unknown
         logging.getLogger(__name__).debug("shape inference failed: %s", exc)
-    types: dict[str, InferredType] = {}
+    types, _ = inferred_types(model, graph)
+    return types
+
+
+def inferred_types(model, graph: gs.Graph) -> tuple[dict[str, InferredType], dict[str, tuple]]:
+    """From an inferred ``model`` of ``graph``: per tensor name ``(static dims or None, numpy dtype
+    or None)``, and the dims with symbols kept (``int | str | None``); ``graph``'s constants always
+    known."""
+    import onnx
+
     from optimizer.stats import iter_graphs
 
+    types: dict[str, InferredType] = {}
+    symbols: dict[str, tuple] = {}
     for g in iter_graphs(model.graph):
         for value in list(g.input) + list(g.value_info) + list(g.output):
             if value.name in types or not value.type.HasField("tensor_type"):
@@ -232,12 +243,15 @@ def infer_tensor_types(
             shape = None
             if t.HasField("shape"):
                 shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+                symbols[value.name] = tuple(
+                    int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim
+                )
             types[value.name] = (shape, dtype)
     for g in all_graphs(graph):
         for tensor in g.tensors().values():
             if isinstance(tensor, gs.Constant):
                 types[tensor.name] = (tuple(int(d) for d in tensor.shape), numpy_dtype(tensor.dtype))
-    return types
+    return types, symbols
 
 
 def numpy_dtype(dtype) -> np.dtype | None:

@@ -92,8 +92,7 @@ def without_weights(model: onnx.ModelProto, max_elements: int = LIGHT_ELEMENTS) 
 def infer(graph: gs.Graph, input_shapes: dict[str, tuple[int, ...]] | None = None):
     """``(types, symbols)``: per tensor name ``(static dims or None, numpy dtype or None)`` as
     ``infer_tensor_types`` gives them, and the dims with symbols kept (``int | str | None``)."""
-    from optimizer.stats import iter_graphs
-    from passes.graph_utils import all_graphs, numpy_dtype
+    from passes.graph_utils import inferred_types
 
     model = light_model(graph, input_shapes)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -108,31 +107,7 @@ def infer(graph: gs.Graph, input_shapes: dict[str, tuple[int, ...]] | None = Non
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as exc:  # custom ops, invalid models: what was not inferred stays unknown
         log.debug("shape inference failed: %s", exc)
-    types: dict[str, tuple] = {}
-    symbols: dict[str, tuple[Dim, ...]] = {}
-    for g in iter_graphs(model.graph):
-        for value in list(g.input) + list(g.value_info) + list(g.output):
-            if value.name in types or not value.type.HasField("tensor_type"):
-                continue
-            t = value.type.tensor_type
-            dtype = None
-            if t.elem_type:
-                try:
-                    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
-                except Exception:  # an element type numpy cannot describe
-                    dtype = None
-            shape = None
-            if t.HasField("shape"):
-                shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
-                symbols[value.name] = tuple(
-                    int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim
-                )
-            types[value.name] = (shape, dtype)
-    for g in all_graphs(graph):
-        for tensor in g.tensors().values():
-            if isinstance(tensor, gs.Constant):
-                types[tensor.name] = (tuple(int(d) for d in tensor.shape), numpy_dtype(tensor.dtype))
-    return types, symbols
+    return inferred_types(model, graph)
 
 
 def ort_symbolic_shapes(graph: gs.Graph) -> dict[str, tuple[Dim, ...]]:
