@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from calibration.collect import Progress, _stream, plan_tensors
+from calibration.collect import Progress, _stream, fold_batches, plan_tensors
 from calibration.sources import CalibrationSource, open_source
 from optimizer.errors import InputError
 from optimizer.runtime import input_specs
@@ -186,19 +186,8 @@ def collect_channel_stats(
     names = plan.from_feeds + plan.fetch
     acc = {name: _ChannelAccumulator(name, max_rows, seed + i) for i, name in enumerate(names)}
 
-    for feeds, outputs, n in _stream(model, plan, source, specs, batch_size, max_samples, progress, "channel statistics"):
-        for name in list(acc):
-            value = feeds[name] if name in plan.from_feeds else outputs.pop(name)
-            reason = f"not a floating-point tensor ({value.dtype})" if value.dtype.kind != "f" else acc[name].update(value, n)
-            if reason is not None:
-                result.skipped[name] = reason
-                del acc[name]
-            del value
-        del outputs, feeds
-        result.samples += n
-        result.batches += 1
-    if result.samples == 0:
-        raise InputError(f"{source.description}: no calibration samples")
+    fold_batches(_stream(model, plan, source, specs, batch_size, max_samples, progress, "channel statistics"), plan, acc,
+                 result, source.description)
     for name in (t for t in dict.fromkeys(tensors) if t in acc):  # in the order asked for
         if acc[name].amax is None:
             result.skipped[name] = "no values"

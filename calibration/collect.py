@@ -458,6 +458,27 @@ def _stream(model, plan, source, specs, batch_size: int, max_samples: int | None
             yield single, {k: (v[i] if isinstance(v, list) else v[_sample_rows(v, n, i)]) for k, v in outputs.items()}, 1
 
 
+def fold_batches(stream, plan, accumulators: dict, result, description: str) -> None:
+    """Feed every batch of ``stream`` (``_stream``'s triples) into ``accumulators`` (name -> an
+    object whose ``update(values, samples)`` returns None or why it refuses the tensor); a refused
+    or non-float tensor is dropped with its reason in ``result.skipped``; ``result.samples`` and
+    ``result.batches`` count what was seen. Raises when the source had no samples."""
+    for feeds, outputs, n in stream:
+        for name in list(accumulators):
+            value = feeds[name] if name in plan.from_feeds else outputs.pop(name)
+            reason = (f"not a floating-point tensor ({value.dtype})" if value.dtype.kind != "f"
+                      else accumulators[name].update(value, n))
+            if reason is not None:
+                result.skipped[name] = reason
+                del accumulators[name]
+            del value
+        del outputs, feeds
+        result.samples += n
+        result.batches += 1
+    if result.samples == 0:
+        raise InputError(f"{description}: no calibration samples")
+
+
 def _stream_at(model, plan, source, specs, batch_size: int, max_samples: int | None, progress, label: str,
                first_sample: int = 0):
     """``(feeds, fetched outputs, samples, global index of the first sample)`` per batch of
@@ -644,19 +665,8 @@ def collect_channel_means(
     names = plan.from_feeds + plan.fetch
     sums = {name: _ChannelSum(name, int(tensors[name])) for name in names}
 
-    for feeds, outputs, n in _stream(model, plan, source, specs, batch_size, max_samples, progress, "channel means"):
-        for name in list(sums):
-            value = feeds[name] if name in plan.from_feeds else outputs.pop(name)
-            reason = f"not a floating-point tensor ({value.dtype})" if value.dtype.kind != "f" else sums[name].update(value, n)
-            if reason is not None:
-                result.skipped[name] = reason
-                del sums[name]
-            del value
-        del outputs, feeds
-        result.samples += n
-        result.batches += 1
-    if result.samples == 0:
-        raise InputError(f"{source.description}: no calibration samples")
+    fold_batches(_stream(model, plan, source, specs, batch_size, max_samples, progress, "channel means"), plan, sums, result,
+                 source.description)
     for name in (n for n in dict.fromkeys(tensors) if n in sums):  # in the order asked for
         acc = sums[name]
         if acc.sums is None:
