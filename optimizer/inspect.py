@@ -69,7 +69,7 @@ def model_facts(raw: onnx.ModelProto, path: Path) -> dict:
     """``model``, ``inputs``, ``outputs``, ``ops``, ``parameters``, ``external_data`` of ``raw``
     (a model loaded without its external data)."""
     from optimizer.io import _external_tensors, _location
-    from optimizer.stats import _tensor_elements_and_bytes, iter_graphs
+    from optimizer.stats import tensor_elements_and_bytes, iter_graphs
 
     initializers = {t.name for t in raw.graph.initializer}
     opsets = {o.domain or "ai.onnx": int(o.version) for o in raw.opset_import}
@@ -110,7 +110,7 @@ def model_facts(raw: onnx.ModelProto, path: Path) -> dict:
     by_dtype: dict[str, dict] = {}
 
     def count(tensor: onnx.TensorProto) -> None:
-        n, b = _tensor_elements_and_bytes(tensor)
+        n, b = tensor_elements_and_bytes(tensor)
         row = by_dtype.setdefault(_dtype_name(tensor.data_type), {"tensors": 0, "params": 0, "bytes": 0})
         row["tensors"] += 1
         row["params"] += n
@@ -134,7 +134,7 @@ def model_facts(raw: onnx.ModelProto, path: Path) -> dict:
     files = sorted({_location(t) for t in external})
     facts["external_data"] = {
         "tensors": len(external),
-        "bytes": sum(_tensor_elements_and_bytes(t)[1] for t in external),
+        "bytes": sum(tensor_elements_and_bytes(t)[1] for t in external),
         "files": files,
     }
     return facts

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections import Counter
 
-import numpy as np
 import onnx
 from onnx import TensorProto
+
+from optimizer.stats import stored_tensors, tensor_elements_and_bytes
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 TYPE_NAMES = {
@@ -22,13 +23,6 @@ TYPE_NAMES = {
     TensorProto.INT4: "int4", TensorProto.UINT4: "uint4", TensorProto.DOUBLE: "fp64",
     TensorProto.INT64: "int64", TensorProto.INT32: "int32", TensorProto.BOOL: "bool",
 }
-
-
-def _tensor_bytes(t: onnx.TensorProto) -> int:
-    n = int(np.prod(t.dims)) if t.dims else 1
-    if t.data_type in (TensorProto.INT4, TensorProto.UINT4):
-        return (n + 1) // 2
-    return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize if t.data_type != TensorProto.STRING else 0
 
 
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -46,8 +40,10 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
 
 def precision_summary(model: onnx.ModelProto, records=()) -> dict:
     """``{"layers": [{node, op, precision, why}], "counts": {precision: n}, "bytes": {type: n}}``."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    from passes.inference_model import without_weights
+
+    try:  # the weights' data is not needed for types: do not serialize it into inference
+        inferred = onnx.shape_inference.infer_shapes(without_weights(model), strict_mode=False)
     except Exception:  # types are a report nicety: fall back to what the model declares
         inferred = model
     types = _elem_types(inferred)
@@ -75,12 +71,8 @@ def precision_summary(model: onnx.ModelProto, records=()) -> dict:
         why = "quantized" if act is not None or weight is not None else reasons.get(node.name, "")
         layers.append({"node": node.name, "op": node.op_type, "precision": precision, "why": why})
     stored: Counter = Counter()
-    for t in model.graph.initializer:
-        stored[TYPE_NAMES.get(t.data_type, str(t.data_type))] += _tensor_bytes(t)
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].HasField("t"):
-            t = node.attribute[0].t
-            stored[TYPE_NAMES.get(t.data_type, str(t.data_type))] += _tensor_bytes(t)
+    for t in stored_tensors(model):
+        stored[TYPE_NAMES.get(t.data_type, str(t.data_type))] += tensor_elements_and_bytes(t)[1]
     return {"layers": layers, "counts": dict(Counter(layer["precision"] for layer in layers)),
             "bytes": dict(sorted(stored.items(), key=lambda kv: -kv[1]))}
 

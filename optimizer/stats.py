@@ -24,7 +24,9 @@ class ModelStats:
         return asdict(self)
 
 
-def _tensor_elements_and_bytes(tensor: onnx.TensorProto) -> tuple[int, int]:
+def tensor_elements_and_bytes(tensor: onnx.TensorProto) -> tuple[int, int]:
+    """``(elements, bytes stored)`` of a tensor: raw data as stored (INT4 packed two per byte),
+    external data by its recorded length."""
     elements = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
     if tensor.HasField("raw_data"):
         return elements, len(tensor.raw_data)
@@ -52,23 +54,27 @@ def op_histogram(model: onnx.ModelProto) -> Counter:
     return Counter(node.op_type for g in iter_graphs(model.graph) for node in g.node)
 
 
-def model_stats(model: onnx.ModelProto) -> ModelStats:
-    """Count nodes, initializers, parameters and bytes of ``model``."""
-    nodes = initializers = params = weight_bytes = 0
+def stored_tensors(model: onnx.ModelProto):
+    """Every stored tensor of ``model``, subgraphs included: the initializers, then the values of
+    ``Constant`` nodes."""
     for graph in iter_graphs(model.graph):
-        nodes += len(graph.node)
-        for tensor in graph.initializer:
-            initializers += 1
-            n, b = _tensor_elements_and_bytes(tensor)
-            params += n
-            weight_bytes += b
+        yield from graph.initializer
         for node in graph.node:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 for attr in node.attribute:
                     if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-                        n, b = _tensor_elements_and_bytes(attr.t)
-                        params += n
-                        weight_bytes += b
+                        yield attr.t
+
+
+def model_stats(model: onnx.ModelProto) -> ModelStats:
+    """Count nodes, initializers, parameters and bytes of ``model``."""
+    nodes = sum(len(graph.node) for graph in iter_graphs(model.graph))
+    initializers = sum(len(graph.initializer) for graph in iter_graphs(model.graph))
+    params = weight_bytes = 0
+    for tensor in stored_tensors(model):
+        n, b = tensor_elements_and_bytes(tensor)
+        params += n
+        weight_bytes += b
     try:
         model_bytes = model.ByteSize()
     except Exception:  # protobuf refuses to size messages over 2 GB; weights dominate then

@@ -149,19 +149,19 @@ def find_sites(graph: gs.Graph, opts: PlacementOptions,
     """Walk the main graph with the handler table; subgraph bodies are left in float.
     ``reasons`` (when given) receives, per node left in float by a handler, the reason."""
     skipped: dict[str, int] = {}
-    current: list[gs.Node] = []
+    node_name = ""  # the node the handlers are looking at (read by skip)
 
     def skip(reason: str) -> None:
         skipped[reason] = skipped.get(reason, 0) + 1
-        if reasons is not None and current:
-            reasons[current[-1].name] = reason
+        if reasons is not None and node_name:
+            reasons[node_name] = reason
 
     sites: list[QuantSite] = []
     for node in graph.nodes:
         handler = HANDLERS.get(node.op)
         if handler is None or not is_default_domain(node):
             continue
-        current[:] = [node]
+        node_name = node.name
         if any(p is not None and p.op in ("QuantizeLinear", "DequantizeLinear") for p in map(producer, node.inputs)):
             skip("already_quantized")
             continue
