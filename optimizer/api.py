@@ -196,32 +196,10 @@ def optimize(
         else:
             accuracy = evaluate(original, result.model, samples.evaluation, plan.shapes, progress=progress,
                                 note=samples.note, batch_size=1 if prepared.batch_size == 1 else 32, metric=loaded_metric)
-            if max_accuracy_drop is not None:
-                from optimizer.budget import fit_budget
-
-                fitted = fit_budget(original, manager.steps, ctx, max_accuracy_drop, samples.evaluation, plan.shapes,
-                                    result, accuracy, metric=loaded_metric)
-                result.model, result.records, accuracy = fitted.model, fitted.records, fitted.accuracy
-                if not static_shapes:
-                    restore_dynamic_dims(original, result.model)
-                report.passes = result.records
-                report.optimized = model_stats(result.model)
-                report.budget = {
-                    "max_accuracy_drop": max_accuracy_drop,
-                    "metric": fitted.metric,
-                    "drop": round(fitted.drop, 4),
-                    "met": fitted.met,
-                    "fallbacks": [vars(f) for f in fitted.fallbacks],
-                    "sensitivity": {k: round(v, 4) for k, v in fitted.sensitivity.items()},
-                    "evaluations": fitted.evaluations,
-                    "ranking": fitted.ranking,
-                }
-                if not fitted.met:
-                    report.status = "accuracy_failed"
-                    report.error = (
-                        f"{fitted.metric} dropped {fitted.drop:.2f} points, more than --max-accuracy-drop "
-                        f"{max_accuracy_drop}, even with {len(fitted.fallbacks)} layer(s) in float"
-                    )
+            budget = _budget_to_fit(manager.steps, result.records, max_accuracy_drop)
+            if budget is not None:
+                accuracy = _fit_budget(budget, original, manager, ctx, samples, plan, result, accuracy, report,
+                                       loaded_metric, static_shapes)
             report.accuracy = accuracy
             report.warnings += [w for w in accuracy.warnings if w not in report.warnings]
             if accuracy.synthetic:
@@ -240,6 +218,67 @@ def optimize(
         report.output_path = str(save_model(result.model, output, protect=protect))
     report.total_time_s = time.perf_counter() - start
     return OptimizeResult(result.model, report, plan)
+
+
+@dataclass(frozen=True)
+class _Budget:
+    """An accuracy budget to fit: the user's ``--max-accuracy-drop``, or a pass's accuracy floor."""
+
+    drop: float
+    floor_of: str = ""  # the pass whose accuracy floor this is; empty: the user's budget
+    floor: float | None = None
+
+
+def _budget_to_fit(steps, records, max_accuracy_drop: float | None) -> _Budget | None:
+    """The user's budget if given; else the highest accuracy floor of a tunable pass that changed
+    the model (e.g. quantize-fp8's ``min_cosine``), as a drop in cosine points; else None."""
+    if max_accuracy_drop is not None:
+        return _Budget(max_accuracy_drop)
+    changed = {r.name for r in records if r.changed and not r.rolled_back}
+    floors = [(p.accuracy_floor(), p.name) for p in iter_passes(steps)
+              if type(p).tunable and p.name in changed and p.accuracy_floor() is not None]
+    if not floors:
+        return None
+    floor, name = max(floors)
+    return _Budget(100.0 * (1.0 - floor), floor_of=name, floor=floor)
+
+
+def _fit_budget(budget: _Budget, original, manager, ctx, samples, plan, result, accuracy, report, loaded_metric,
+                static_shapes: bool):
+    """Return layers to float until ``budget`` holds; update ``result`` and ``report``; the accuracy."""
+    from optimizer.budget import fit_budget, floor_metric, metric_of
+
+    measure = floor_metric if budget.floor_of else metric_of
+    fitted = fit_budget(original, manager.steps, ctx, budget.drop, samples.evaluation, plan.shapes,
+                        result, accuracy, metric=loaded_metric, measure=measure)
+    result.model, result.records = fitted.model, fitted.records
+    if not static_shapes:
+        restore_dynamic_dims(original, result.model)
+    report.passes = result.records
+    report.optimized = model_stats(result.model)
+    report.budget = {
+        "max_accuracy_drop": round(budget.drop, 6),
+        "metric": fitted.metric,
+        "drop": round(fitted.drop, 4),
+        "met": fitted.met,
+        "fallbacks": [vars(f) for f in fitted.fallbacks],
+        "sensitivity": {k: round(v, 4) for k, v in fitted.sensitivity.items()},
+        "evaluations": fitted.evaluations,
+        "ranking": fitted.ranking,
+    }
+    if budget.floor_of:
+        report.budget["floor"] = {"pass": budget.floor_of, "min_cosine": budget.floor}
+        if not fitted.met:
+            report.warnings.append(
+                f"{budget.floor_of}: output cosine {1 - fitted.drop / 100:.5f} stays below its accuracy floor "
+                f"{budget.floor} even with every quantized layer in float (other lossy passes cost the rest)")
+    elif not fitted.met:
+        report.status = "accuracy_failed"
+        report.error = (
+            f"{fitted.metric} dropped {fitted.drop:.2f} points, more than --max-accuracy-drop "
+            f"{budget.drop}, even with {len(fitted.fallbacks)} layer(s) in float"
+        )
+    return fitted.accuracy
 
 
 def _given_shapes(shapes, specs) -> dict[str, ShapeSpec]:

@@ -28,6 +28,7 @@ import math
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import onnx
 
@@ -81,6 +82,12 @@ def metric_of(report: AccuracyReport) -> tuple[str, float, float]:
     return "cosine", 100.0, 100.0 * cosine
 
 
+def floor_metric(report: AccuracyReport) -> tuple[str, float, float]:
+    """(name, 100, 100 x the smallest output cosine): what a pass's accuracy floor holds."""
+    cosines = [o.cosine for o in report.outputs if o.cosine is not None]
+    return "min output cosine", 100.0, 100.0 * (min(cosines) if cosines else 1.0)
+
+
 def split_at_tunable(steps: list[Step]) -> tuple[list[Step], list[Step]] | None:
     """(steps before the first tunable lossy pass, that pass and everything after), or None."""
     for i, step in enumerate(steps):
@@ -99,9 +106,12 @@ def fit_budget(
     first_run,
     first_accuracy: AccuracyReport,
     metric=None,
+    measure: Callable[[AccuracyReport], tuple[str, float, float]] = metric_of,
 ) -> BudgetResult:
-    """Tune the tunable pass until the metric drop is within ``budget`` (see the module docstring)."""
-    name, base, value = metric_of(first_accuracy)
+    """Tune the tunable pass until the metric drop is within ``budget`` (see the module docstring).
+    ``measure``: which figure of an evaluation the budget applies to (``metric_of``, or
+    ``floor_metric`` for a pass's accuracy floor)."""
+    name, base, value = measure(first_accuracy)
     result = BudgetResult(first_run.model, first_run.records, first_accuracy, name, base - value)
     if base - value <= budget:
         return result
@@ -136,8 +146,8 @@ def fit_budget(
             run = PassManager([replace(tuned, exclude=list(tuned.exclude) + excluded), *tail[1:]],
                               verify="off").run(start_model, ctx)
             acc = evaluate(original, run.model, dataset, shapes, metric=metric)
-            log.info("budget: %d layer(s) in float -> %s drop %.3f", len(excluded), name, base - metric_of(acc)[2])
-            return run, acc, metric_of(acc)[2]
+            log.info("budget: %d layer(s) in float -> %s drop %.3f", len(excluded), name, base - measure(acc)[2])
+            return run, acc, measure(acc)[2]
 
         # Bisection over k, the number of highest-noise layers returned to float: the smallest k
         # whose drop fits, in 1 + log2(n) evaluations (k = n first: if even that fails, stop).

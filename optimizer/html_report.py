@@ -22,6 +22,15 @@ svg text{font:11px system-ui,sans-serif;fill:#1d232a}
 """
 
 
+def budget_source(budget: dict) -> str:
+    """Where a budget came from: the user's ``--max-accuracy-drop`` or a pass's accuracy floor."""
+    floor = budget.get("floor")
+    if floor:
+        return f"accuracy floor of {floor['pass']}: output cosine >= {floor['min_cosine']}"
+    return f"budget {budget['max_accuracy_drop']}"
+
+
+
 def _e(value) -> str:
     return html.escape(str(value))
 
@@ -147,7 +156,7 @@ def render_html(d: dict) -> str:
     if budget:
         parts.append("<h2>Accuracy budget</h2>")
         met = "<span class='ok'>met</span>" if budget["met"] else "<span class='bad'>NOT met</span>"
-        parts.append(f"<p>{_e(budget['metric'])} drop {budget['drop']:.3f} points, budget {budget['max_accuracy_drop']}: {met}</p>")
+        parts.append(f"<p>{_e(budget['metric'])} drop {budget['drop']:.3f} points, {_e(budget_source(budget))}: {met}</p>")
         if budget["sensitivity"]:
             parts.append("<p class='muted'>per-layer sensitivity: points recovered when only this layer stays in float</p>")
             parts.append(bar_chart(sorted(budget["sensitivity"].items(), key=lambda kv: -kv[1]), unit=" pt", color="#d14b5c"))

@@ -127,6 +127,12 @@ class Pass:
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def accuracy_floor(self) -> float | None:
+        """The output cosine similarity (0..1) this pass's result is held to when the user sets no
+        accuracy budget: the driver returns the pass's noisiest layers to float until every float
+        output keeps it (``optimizer.budget``, tunable passes only). None: no floor."""
+        return None
+
     # -- options ---------------------------------------------------------------------------
     @classmethod
     def option_fields(cls) -> list[dataclasses.Field]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from optimizer.evaluate import AccuracyReport
+from optimizer.html_report import budget_source
 from optimizer.manager import PassRecord
 from optimizer.stats import ModelStats
 
@@ -157,8 +158,7 @@ class Report:
         if self.budget:
             b = self.budget
             lines += ["", "## Accuracy budget", "",
-                      f"{b['metric']} drop {b['drop']:.3f} points (budget {b['max_accuracy_drop']}): "
-                      + ("met" if b["met"] else "NOT met")]
+                      f"{b['metric']} drop {b['drop']:.3f} points ({budget_source(b)}): " + ("met" if b["met"] else "NOT met")]
             lines += [f"- `{f['node']}` kept in float by {f['pass_name']}: sensitivity +{f['gain']:.3f} points ({f['reason']})"
                       for f in b["fallbacks"]]
         lines += _precision_lines(self.precision)
