@@ -12,9 +12,11 @@ command.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from calibration.executor import StageRecord, timed_call
@@ -45,6 +47,24 @@ def import_ray():
     return ray
 
 
+def _send_ray_token_if_present() -> None:
+    """Ray (2.59+) starts a cluster with token authentication when a token exists (``RAY_AUTH_TOKEN``,
+    ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``), yet a driver that joins by address sends
+    it only with ``RAY_AUTH_MODE=token``, so ``ray start --head`` then ``--ray auto`` failed with
+    "Authentication token is missing". Set the mode, as Ray's own local ``ray.init`` does, unless
+    the user chose one; a cluster without authentication ignores the token."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or (Path.home() / ".ray" / "auth_token").is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
+        try:  # Ray caches its config at import: refresh it, as Ray's own token setup does
+            from ray._raylet import Config
+
+            Config.initialize("")
+        except (ImportError, AttributeError):  # another Ray version: the variable is all it reads
+            pass
+
+
 @dataclass
 class RayExecutor:
     """Runs tasks on Ray. ``address``: join a cluster (``"auto"`` or ``host:port``); else start a
@@ -65,6 +85,7 @@ class RayExecutor:
         if ray.is_initialized():
             pass  # a cluster this process already joined (tests, notebooks): use it as is
         elif self.address is not None:
+            _send_ray_token_if_present()
             try:
                 ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
             except (ConnectionError, RuntimeError, ValueError) as exc:
