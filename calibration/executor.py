@@ -87,6 +87,12 @@ class InProcessExecutor:
         return {"executor": self.name, "workers": self.workers, "stages": [s.to_dict() for s in self.stages]}
 
 
+def fans_out(executor: Executor | None) -> bool:
+    """Whether work should be split into tasks on ``executor``: any real executor (Ray, even with
+    one worker), and in-process only when asked to (``workers > 1``, as tests do)."""
+    return executor is not None and (executor.workers > 1 or not isinstance(executor, InProcessExecutor))
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """What one run's calibration reads besides its arguments: the executor and the calibration
@@ -129,5 +135,5 @@ def in_process() -> Iterator[RunSettings]:
         yield settings
 
 
-__all__ = ["DEFAULT_CALIB_BATCH_SIZE", "Executor", "InProcessExecutor", "RunSettings", "StageRecord", "current_settings",
+__all__ = ["DEFAULT_CALIB_BATCH_SIZE", "Executor", "InProcessExecutor", "fans_out", "RunSettings", "StageRecord", "current_settings",
            "in_process", "run_settings", "timed_call"]

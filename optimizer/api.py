@@ -194,13 +194,17 @@ def optimize(
         elif samples is None:
             report.warnings.append(f"accuracy not measured: the original model runs at no shape tried; pass {plan.hint()}")
         else:
+            from calibration.executor import current_settings
+
+            executor = current_settings().executor
             accuracy = evaluate(original, result.model, samples.evaluation, plan.shapes, progress=progress,
-                                note=samples.note, batch_size=1 if prepared.batch_size == 1 else 32, metric=loaded_metric)
+                                note=samples.note, batch_size=_evaluation_batch_size(prepared), metric=loaded_metric,
+                                executor=executor)
             if max_accuracy_drop is not None:
                 from optimizer.budget import fit_budget
 
                 fitted = fit_budget(original, manager.steps, ctx, max_accuracy_drop, samples.evaluation, plan.shapes,
-                                    result, accuracy, metric=loaded_metric)
+                                    result, accuracy, metric=loaded_metric, executor=executor)
                 result.model, result.records, accuracy = fitted.model, fitted.records, fitted.accuracy
                 if not static_shapes:
                     restore_dynamic_dims(original, result.model)
@@ -240,6 +244,36 @@ def optimize(
         report.output_path = str(save_model(result.model, output, protect=protect))
     report.total_time_s = time.perf_counter() - start
     return OptimizeResult(result.model, report, plan)
+
+
+@dataclass
+class EvaluationInputs:
+    """What ``optimize`` evaluates a model on (``plan_evaluation``): the samples, shapes, batch
+    size and note, and the original model's outputs on them when they fit in memory."""
+
+    source: object
+    shapes: dict
+    batch_size: int
+    note: str
+    reference: object = None  # optimizer.evaluate.ReferenceOutputs
+
+
+def plan_evaluation(original: onnx.ModelProto, data=None, shapes=None, calibration=None) -> EvaluationInputs | None:
+    """The evaluation ``optimize(original, ..., data=, shapes=, calibration=)`` runs at its end,
+    planned once for searches that evaluate many candidates (None when it would not evaluate)."""
+    from optimizer.evaluate import reference_outputs
+
+    specs = input_specs(original)
+    prepared = prepare(original, specs, _given_shapes(shapes, specs), data=data, calib=calibration)
+    if prepared.samples is None or not prepared.loadable:
+        return None
+    samples, size = prepared.samples, _evaluation_batch_size(prepared)
+    reference = reference_outputs(original, samples.evaluation, prepared.shapes.shapes, batch_size=size)
+    return EvaluationInputs(samples.evaluation, prepared.shapes.shapes, size, samples.note, reference)
+
+
+def _evaluation_batch_size(prepared) -> int:
+    return 1 if prepared.batch_size == 1 else 32
 
 
 def _given_shapes(shapes, specs) -> dict[str, ShapeSpec]:

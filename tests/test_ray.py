@@ -109,13 +109,13 @@ def test_a_task_whose_worker_dies_is_retried(cluster, tmp_path):
 
 
 def test_a_user_error_in_a_task_is_not_retried_and_reaches_the_caller(cluster, tmp_path):
-    from calibration.shards import _check_readable
+    from calibration.shards import check_readable
     from calibration.sources import NpyFolderSource
     from optimizer.errors import InputError
 
     gone = NpyFolderSource(tmp_path / "not-mounted-here", "per-input", {})
     with pytest.raises(InputError, match="not readable on worker node"):
-        cluster.map(_check_readable, [(gone,)], stage="check")
+        cluster.map(check_readable, [(gone,)], stage="check")
 
 
 def test_batch_over_zoo_models_with_one_broken(cluster, tmp_path):
