@@ -84,7 +84,8 @@ class InProcessExecutor:
         return obj
 
     def describe(self) -> dict:
-        return {"executor": self.name, "workers": self.workers, "stages": [s.to_dict() for s in self.stages]}
+        """The report's ``executor``: name, workers, and per stage tasks and times."""
+        return {"name": self.name, "workers": self.workers, "stages": [s.to_dict() for s in self.stages]}
 
 
 def fans_out(executor: Executor | None) -> bool:

@@ -52,21 +52,20 @@ def _with_run_settings(function):
             try:
                 result = function(*args, **kwargs)
             except PassError as exc:
-                if executor is not None and exc.report is not None:
+                if exc.report is not None:
                     record_executor(exc.report, settings.executor)
                 raise
-        if executor is not None:
-            record_executor(result.report, settings.executor)
+        record_executor(result.report, settings.executor)
         return result
 
     return wrapper
 
 
 def record_executor(report: Report, executor) -> None:
-    """The executor, its workers and per-stage tasks and times, under ``samples.executor``."""
+    """The report's ``executor``: its name, workers (for Ray the cluster's nodes and CPUs) and per
+    stage tasks and times."""
     describe = getattr(executor, "describe", None)
-    info = describe() if callable(describe) else {"executor": executor.name, "workers": executor.workers}
-    report.samples = dict(report.samples or {}, executor=info)
+    report.executor = describe() if callable(describe) else {"name": executor.name, "workers": executor.workers}
 
 
 @_with_run_settings

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from optimizer.budget import metric_of
@@ -229,9 +229,7 @@ def _bisect(model, pipeline: str, data, shapes, calibration, base, limits: tuple
     executor = executor if executor is not None else InProcessExecutor()
     original, _ = load_model(model)
     data, calibration = portable(data), portable(calibration)
-    evaluation = plan_evaluation(original, data, shapes, calibration)
-    if evaluation is not None:
-        evaluation = executor.share(replace(evaluation, source=ship_source(executor, evaluation.source)))
+    evaluation = executor.share(plan_evaluation(original, data, shapes, calibration))  # its source, its reference
     shared = executor.share(original), ship_source(executor, data), ship_source(executor, calibration)
 
     def evaluate_all(ks: list[int]) -> list[bool]:
@@ -257,7 +255,7 @@ def prefix_breaks(model, data, calibration, shapes, passes: list, evaluation, ba
     from calibration.shards import check_readable
     from optimizer.api import optimize
 
-    for source in (data, calibration):
+    for source in (data, calibration, evaluation.source if evaluation is not None else None):
         check_readable(source, "data")
     try:
         run = optimize(model, passes, data=data, shapes=shapes, calibration=calibration, verify="off", metric=metric,

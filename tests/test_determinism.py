@@ -40,4 +40,4 @@ def test_int8_model_is_byte_identical_for_every_calib_batch_size_and_sharding(tm
     assert len(set(digests.values())) == 1, digests
     stage = executor.stages[0]
     assert stage.stage == "calibration" and stage.tasks >= 2
-    assert sharded.report.samples["executor"]["stages"][0]["tasks"] == stage.tasks
+    assert sharded.report.executor["stages"][0]["tasks"] == stage.tasks
