@@ -28,9 +28,9 @@ per-sample values, and ``merge`` combines shards exactly:
   too). As in ``calibration.channel_stats``, which values are kept does not depend on batching.
 
 Tensors produced inside subgraphs (If/Loop/Scan bodies), initializers, non-float tensors and names
-the model does not have are skipped; ``CalibrationStatistics.skipped`` says why for each. With an
-executor of several workers installed (``calibration.executor.run_settings``), ``collect_statistics``
-shards the samples across tasks (``calibration.shards``) and merges their statistics.
+the model does not have are skipped; ``CalibrationStatistics.skipped`` says why for each. Given an
+executor that fans out (``calibration.executor.fans_out``), ``collect_statistics`` shards the
+samples across its tasks (``calibration.shards``) and merges their statistics.
 """
 
 from __future__ import annotations
@@ -379,27 +379,27 @@ def collect_statistics(
     seed: int = 0,
     max_samples: int | None = None,
     first_sample: int = 0,
+    executor=None,
 ) -> CalibrationStatistics:
     """Run ``model`` on ``source`` and collect ``TensorStats`` for ``tensors``.
 
     ``source`` is a ``CalibrationSource`` or anything ``open_source`` accepts. ``batch_size``:
-    samples read and folded in at a time (default: the run's ``calib_batch_size``); it changes
+    samples read and folded in at a time (default ``DEFAULT_CALIB_BATCH_SIZE``); it changes
     speed and memory, never a statistic. ``progress`` is ``progress(description, total)`` returning
     ``advance(n)``, as in ``PassContext``. At most ``max_samples`` samples are used when given.
-    ``first_sample`` is the global index of the source's first sample (a shard's offset). With a
-    multi-worker executor installed the samples are sharded across tasks and merged exactly.
+    ``first_sample`` is the global index of the source's first sample (a shard's offset). With an
+    ``executor`` that fans out the samples are sharded across its tasks and merged exactly.
     Skipped tensors are in the result's ``skipped``.
     """
-    from calibration.executor import current_settings, fans_out
+    from calibration.executor import DEFAULT_CALIB_BATCH_SIZE, fans_out
 
-    settings = current_settings()
-    batch_size = settings.calib_batch_size if batch_size is None else batch_size
+    batch_size = DEFAULT_CALIB_BATCH_SIZE if batch_size is None else batch_size
     specs = input_specs(model)
     source = open_source(source, specs) if not isinstance(source, CalibrationSource) else source
-    if fans_out(settings.executor) and first_sample == 0:
+    if fans_out(executor) and first_sample == 0:
         from calibration.shards import collect_sharded
 
-        sharded = collect_sharded(settings.executor, model, tensors, source, batch_size, num_bins, progress,
+        sharded = collect_sharded(executor, model, tensors, source, batch_size, num_bins, progress,
                                   sample_size=sample_size, seed=seed, max_samples=max_samples)
         if sharded is not None:
             return sharded
@@ -638,15 +638,15 @@ def collect_channel_means(
     extra outputs (``augment_model``, one sample at a time as in ``collect_statistics``); graph
     inputs are read from the feeds. Each tensor keeps exact sums (of per-sample float64 sums) and
     counts per channel, so memory does not depend on the number of samples and the means are
-    bit-identical for every ``batch_size`` (default: the run's ``calib_batch_size``) and merge
+    bit-identical for every ``batch_size`` (default ``DEFAULT_CALIB_BATCH_SIZE``) and merge
     exactly (``_ChannelSum.merge``). NaN/inf values are left
     out (``counts`` says how many values each channel's mean has). Initializers, subgraph tensors,
     non-float tensors, and tensors whose rank or channel count does not fit ``axis`` are skipped
     with a reason in ``skipped``. ``source`` is anything ``collect_statistics`` accepts.
     """
-    from calibration.executor import current_settings
+    from calibration.executor import DEFAULT_CALIB_BATCH_SIZE
 
-    batch_size = current_settings().calib_batch_size if batch_size is None else batch_size
+    batch_size = DEFAULT_CALIB_BATCH_SIZE if batch_size is None else batch_size
     specs = input_specs(model)
     source = open_source(source, specs) if not isinstance(source, CalibrationSource) else source
     plan = plan_tensors(model, tensors)

@@ -22,7 +22,7 @@ from pathlib import Path
 import onnx
 
 from calibration.collect import CalibrationStatistics, collect_statistics
-from calibration.executor import Executor, in_process
+from calibration.executor import Executor
 from calibration.sources import effective_batch_size, is_fixed_batch
 from optimizer.errors import InputError
 from optimizer.runtime import input_specs
@@ -85,9 +85,8 @@ def _shard_task(model_bytes: bytes, tensors: list[str], source, lo: int, hi: int
 
     check_readable(source)
     model = onnx.load_from_string(model_bytes)
-    with in_process():
-        stats = collect_statistics(model, tensors, SliceSource(source, lo, hi), batch_size, num_bins,
-                                   sample_size=sample_size, seed=seed, first_sample=lo)
+    stats = collect_statistics(model, tensors, SliceSource(source, lo, hi), batch_size, num_bins,  # never fans out again
+                               sample_size=sample_size, seed=seed, first_sample=lo)
     stats.source = ""
     stats.warnings = []
     if stats.samples != hi - lo:

@@ -39,28 +39,6 @@ class OptimizeResult:
     shapes: ShapePlan | None = None
 
 
-def _with_run_settings(function):
-    """Issue 14: run ``optimize`` with the ``executor`` and ``calib_batch_size`` it was given
-    installed (``calibration.executor.run_settings``), and record the executor in the report."""
-    import functools
-
-    @functools.wraps(function)
-    def wrapper(*args, executor=None, calib_batch_size=None, **kwargs):
-        from calibration.executor import run_settings
-
-        with run_settings(executor, calib_batch_size) as settings:
-            try:
-                result = function(*args, **kwargs)
-            except PassError as exc:
-                if exc.report is not None:
-                    record_executor(exc.report, settings.executor)
-                raise
-        record_executor(result.report, settings.executor)
-        return result
-
-    return wrapper
-
-
 def record_executor(report: Report, executor) -> None:
     """The report's ``executor``: its name, workers (for Ray the cluster's nodes and CPUs) and per
     stage tasks and times."""
@@ -68,7 +46,6 @@ def record_executor(report: Report, executor) -> None:
     report.executor = describe() if callable(describe) else {"name": executor.name, "workers": executor.workers}
 
 
-@_with_run_settings
 def optimize(
     model: str | os.PathLike | onnx.ModelProto,
     pipeline: str | Step | list = "default",
@@ -110,7 +87,11 @@ def optimize(
     in-process; ``calib_batch_size``: samples calibration reads at a time (default 16). Neither
     changes the model written. Raises ``InputError``/``PipelineError`` for bad input.
     """
+    from calibration.executor import InProcessExecutor, check_calib_batch_size
+
     start = time.perf_counter()
+    calib_batch_size = check_calib_batch_size(calib_batch_size)
+    executor = executor if executor is not None else InProcessExecutor()
     loaded_metric = load_metric(metric)
     original, source = load_model(model)
     input_warnings = validate_model(original, source.path)
@@ -135,7 +116,8 @@ def optimize(
     manager = PassManager(pipeline, verify=verify_used, strict=strict, keep_going=keep_going, hooks=hooks,
                           lossy_finite_only=lossy_finite_only)
     ctx = PassContext(input_shapes=dict(plan.shapes) if static_shapes else {}, progress=progress,
-                      metric=loaded_metric[1] if loaded_metric else None)
+                      metric=loaded_metric[1] if loaded_metric else None, executor=executor,
+                      calib_batch_size=calib_batch_size)
     calibrates = any(type(p).uses_calibration for p in iter_passes(manager.steps))
     if samples is not None:
         ctx.verify_batches = samples.verify
@@ -167,6 +149,7 @@ def optimize(
         report.passes = exc.records
         report.warnings = input_warnings
         report.total_time_s = time.perf_counter() - start
+        record_executor(report, executor)
         exc.report = report
         raise
     report.passes = result.records
@@ -193,9 +176,6 @@ def optimize(
         elif samples is None:
             report.warnings.append(f"accuracy not measured: the original model runs at no shape tried; pass {plan.hint()}")
         else:
-            from calibration.executor import current_settings
-
-            executor = current_settings().executor
             accuracy = evaluate(original, result.model, samples.evaluation, plan.shapes, progress=progress,
                                 note=samples.note, batch_size=_evaluation_batch_size(prepared), metric=loaded_metric,
                                 executor=executor)
@@ -242,6 +222,7 @@ def optimize(
         protect = (source.path,) if source.path else ()
         report.output_path = str(save_model(result.model, output, protect=protect))
     report.total_time_s = time.perf_counter() - start
+    record_executor(report, executor)
     return OptimizeResult(result.model, report, plan)
 
 

@@ -220,7 +220,7 @@ class Candidates:
         self.executor, self.rest, self.shapes, self.metric, self.cache_json = executor, list(rest), shapes, metric, cache_json
         self.start_model, self.local_ctx = start_model, ctx
         self.start = executor.share(start_model)
-        self.ctx = executor.share(replace(ctx, progress=None, feed_adapter=None))
+        self.ctx = executor.share(replace(ctx, progress=None, feed_adapter=None, executor=None))  # tasks never fan out
         self._original, self._dataset = original, dataset
         self._shared: dict = {}
         self._ship = ship_source
@@ -250,13 +250,12 @@ class Candidates:
 
 
 def _run_tail(start_model, steps: list, ctx: PassContext, cache_json: str | None):
-    """One candidate tail on ``start_model`` (in a task: in-process, never fanning out again)."""
-    from calibration.executor import in_process
+    """One candidate tail on ``start_model`` (in a task, with the range cache written locally)."""
     from calibration.shards import check_readable
 
     if ctx.calibration is not None:
         check_readable(ctx.calibration)
-    with tempfile.TemporaryDirectory(prefix="budget-task-") as scratch, in_process():
+    with tempfile.TemporaryDirectory(prefix="budget-task-") as scratch:
         if cache_json is not None:
             cache = Path(scratch) / "ranges.json"
             cache.write_text(cache_json)

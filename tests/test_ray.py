@@ -13,7 +13,6 @@ import onnx
 import pytest
 
 from calibration.collect import collect_statistics
-from calibration.executor import run_settings
 from optimizer.cli import main
 
 ray = pytest.importorskip("ray")
@@ -56,8 +55,7 @@ def test_sharded_statistics_equal_the_in_process_ones(cluster):
     names = [o for node in model.graph.node for o in node.output]
     calib = ROOT / "sample_models" / "digits_cnn" / "calib.npz"
     local = collect_statistics(model, names, calib)
-    with run_settings(cluster, calib_batch_size=7):
-        sharded = collect_statistics(model, names, calib)
+    sharded = collect_statistics(model, names, calib, 7, executor=cluster)
     assert sharded.shards == 4 and cluster.stages[-1].stage == "calibration" and cluster.stages[-1].tasks == 4
     _same(local, sharded)
 
