@@ -215,23 +215,22 @@ class Candidates:
 
     def __init__(self, executor, original, start_model, rest: list, ctx: PassContext, dataset, shapes, metric,
                  cache_json: str | None = None):
-        from calibration.shards import ship_source
-
         self.executor, self.rest, self.shapes, self.metric, self.cache_json = executor, list(rest), shapes, metric, cache_json
         self.start_model, self.local_ctx = start_model, ctx
         self.start = executor.share(start_model)
         self.ctx = executor.share(replace(ctx, progress=None, feed_adapter=None, executor=None))  # tasks never fan out
         self._original, self._dataset = original, dataset
-        self._shared: dict = {}
-        self._ship = ship_source
+        self._evaluation: tuple | None = None
 
     def _evaluation_inputs(self) -> tuple:
-        """The original, the data and its outputs on the data, shared once (on first use)."""
-        if "evaluation" not in self._shared:
+        """The original, the data and the original's outputs on it, shared once (on first use)."""
+        from calibration.shards import ship_source
+
+        if self._evaluation is None:
             reference = reference_outputs(self._original, self._dataset, self.shapes)
-            self._shared["evaluation"] = (self.executor.share(self._original), self._ship(self.executor, self._dataset),
-                                          self.executor.share(reference))
-        return self._shared["evaluation"]
+            self._evaluation = (self.executor.share(self._original), ship_source(self.executor, self._dataset),
+                                self.executor.share(reference))
+        return self._evaluation
 
     def accuracy(self, variants: list, *, stage: str) -> list[AccuracyReport]:
         original, dataset, reference = self._evaluation_inputs()

@@ -245,9 +245,8 @@ def _evaluate_sharded(executor, original, optimized, source, batch_specs, batch_
         tally.merge(other)
     # what reading left on the source in the tasks (e.g. samples a fixed batch drops), as one pass would
     warnings = getattr(source, "warnings", None)
-    for message in (w for t in tallies for w in t.warnings) if warnings is not None else ():
-        if message not in warnings:
-            warnings.append(message)
+    if warnings is not None:
+        warnings += [w for w in dict.fromkeys(w for t in tallies for w in t.warnings) if w not in warnings]
     if tally.samples != expected:  # every sample evaluated exactly once, or the run stops
         raise InputError(f"evaluation over {len(bounds)} shard(s) saw {tally.samples} sample(s), expected {expected}")
     return tally
