@@ -107,12 +107,10 @@ def measure_in_process() -> tuple[dict, object]:
 def measure_on_ray(executor, local) -> dict:
     """Calibration on the cluster ``executor`` is connected to (as many workers as it has CPUs)."""
     from calibration.collect import collect_statistics
-    from calibration.executor import run_settings
 
     model, names, arrays = _calibration_inputs()
     start = time.perf_counter()
-    with run_settings(executor):
-        stats = collect_statistics(model, names, arrays)
+    stats = collect_statistics(model, names, arrays, executor=executor)
     wall = time.perf_counter() - start
     identical = all(np.array_equal(stats[n].hist, local[n].hist) and stats[n].amax == local[n].amax
                     and np.array_equal(stats[n].sample, local[n].sample) for n in local)

@@ -28,9 +28,9 @@ per-sample values, and ``merge`` combines shards exactly:
   too). As in ``calibration.channel_stats``, which values are kept does not depend on batching.
 
 Tensors produced inside subgraphs (If/Loop/Scan bodies), initializers, non-float tensors and names
-the model does not have are skipped; ``CalibrationStatistics.skipped`` says why for each. With an
-executor of several workers installed (``calibration.executor.run_settings``), ``collect_statistics``
-shards the samples across tasks (``calibration.shards``) and merges their statistics.
+the model does not have are skipped; ``CalibrationStatistics.skipped`` says why for each. Given an
+executor that fans out (``calibration.executor.fans_out``), ``collect_statistics`` shards the
+samples across its tasks (``calibration.shards``) and merges their statistics.
 """
 
 from __future__ import annotations
@@ -52,16 +52,17 @@ from calibration.sources import (
     open_source,
 )
 from optimizer.errors import InputError
-from optimizer.runtime import OrtRunner, input_specs
+from optimizer.metrics import exact_integers, exact_quotient
+from optimizer.runtime import REPRODUCIBLE_THREADS, OrtRunner, input_specs
 
 log = logging.getLogger(__name__)
 
 DEFAULT_NUM_BINS = 2048
 DEFAULT_SAMPLE_SIZE = 4096
-#: ONNX Runtime's results depend on its intra-op thread count too (measured: digits_cnn's
-#: activations differ in the last bits between 1 thread and 2), so statistics sessions always use
-#: one thread: the same bits on a laptop, a 2-core CI machine and every worker of a cluster.
-CALIB_ORT_THREADS = 1
+#: ONNX Runtime's results depend on its intra-op thread count too, so statistics sessions always use
+#: one thread (``REPRODUCIBLE_THREADS``): the same bits on a laptop, a 2-core CI machine and every
+#: worker of a cluster.
+CALIB_ORT_THREADS = REPRODUCIBLE_THREADS
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 
 Progress = Callable[[str, "int | None"], Callable[..., None]]
@@ -378,29 +379,27 @@ def collect_statistics(
     seed: int = 0,
     max_samples: int | None = None,
     first_sample: int = 0,
+    executor=None,
 ) -> CalibrationStatistics:
     """Run ``model`` on ``source`` and collect ``TensorStats`` for ``tensors``.
 
     ``source`` is a ``CalibrationSource`` or anything ``open_source`` accepts. ``batch_size``:
-    samples read and folded in at a time (default: the run's ``calib_batch_size``); it changes
+    samples read and folded in at a time (default ``DEFAULT_CALIB_BATCH_SIZE``); it changes
     speed and memory, never a statistic. ``progress`` is ``progress(description, total)`` returning
     ``advance(n)``, as in ``PassContext``. At most ``max_samples`` samples are used when given.
-    ``first_sample`` is the global index of the source's first sample (a shard's offset). With a
-    multi-worker executor installed the samples are sharded across tasks and merged exactly.
+    ``first_sample`` is the global index of the source's first sample (a shard's offset). With an
+    ``executor`` that fans out the samples are sharded across its tasks and merged exactly.
     Skipped tensors are in the result's ``skipped``.
     """
-    from calibration.executor import InProcessExecutor, current_settings
+    from calibration.executor import DEFAULT_CALIB_BATCH_SIZE, fans_out
 
-    settings = current_settings()
-    batch_size = settings.calib_batch_size if batch_size is None else batch_size
+    batch_size = DEFAULT_CALIB_BATCH_SIZE if batch_size is None else batch_size
     specs = input_specs(model)
     source = open_source(source, specs) if not isinstance(source, CalibrationSource) else source
-    # shard on any real executor (Ray, even with one worker), and in-process only when asked to
-    distributed = settings.executor.workers > 1 or not isinstance(settings.executor, InProcessExecutor)
-    if distributed and first_sample == 0:
+    if fans_out(executor) and first_sample == 0:
         from calibration.shards import collect_sharded
 
-        sharded = collect_sharded(settings.executor, model, tensors, source, batch_size, num_bins, progress,
+        sharded = collect_sharded(executor, model, tensors, source, batch_size, num_bins, progress,
                                   sample_size=sample_size, seed=seed, max_samples=max_samples)
         if sharded is not None:
             return sharded
@@ -558,18 +557,10 @@ class ChannelMeans:
     synthetic: bool = False
 
 
-#: Exact sums: every float64 is an integer multiple of 2**-1074, so sums scaled by 2**_EXACT_SHIFT
-#: are Python integers, and adding them is exact in any order (math.fsum cannot merge partial sums).
-_EXACT_SHIFT = 1130
-
-
 def _exact_sums(values: np.ndarray) -> list[int]:
-    """``values`` ``[rows, C]`` float64 summed over rows exactly, per column, as scaled integers."""
-    mantissa, exponent = np.frexp(values)
-    integers = (mantissa * 2.0**53).astype(np.int64)  # exact: 53-bit mantissas
-    shifts = (exponent.astype(np.int64) - 53 + _EXACT_SHIFT).tolist()
-    # frexp exponents are >= -1073 for float64, so every shift is >= 4
-    return [sum(m << s for m, s in zip(col_m, col_s)) for col_m, col_s in zip(integers.T.tolist(), np.asarray(shifts).T.tolist())]
+    """``values`` ``[rows, C]`` float64 summed over rows exactly, per column, as scaled integers
+    (``optimizer.metrics.exact_integers``)."""
+    return list(exact_integers(values).sum(axis=0))
 
 
 class _ChannelSum:
@@ -629,7 +620,7 @@ class _ChannelSum:
 
     def mean(self) -> np.ndarray:
         # int / int is correctly rounded in Python: the mean of the exact sum
-        return np.array([s / (int(c) << _EXACT_SHIFT) if c else np.nan for s, c in zip(self.sums, self.counts)], np.float64)
+        return np.array([exact_quotient(s, c) if c else np.nan for s, c in zip(self.sums, self.counts)], np.float64)
 
 
 def collect_channel_means(
@@ -647,15 +638,15 @@ def collect_channel_means(
     extra outputs (``augment_model``, one sample at a time as in ``collect_statistics``); graph
     inputs are read from the feeds. Each tensor keeps exact sums (of per-sample float64 sums) and
     counts per channel, so memory does not depend on the number of samples and the means are
-    bit-identical for every ``batch_size`` (default: the run's ``calib_batch_size``) and merge
+    bit-identical for every ``batch_size`` (default ``DEFAULT_CALIB_BATCH_SIZE``) and merge
     exactly (``_ChannelSum.merge``). NaN/inf values are left
     out (``counts`` says how many values each channel's mean has). Initializers, subgraph tensors,
     non-float tensors, and tensors whose rank or channel count does not fit ``axis`` are skipped
     with a reason in ``skipped``. ``source`` is anything ``collect_statistics`` accepts.
     """
-    from calibration.executor import current_settings
+    from calibration.executor import DEFAULT_CALIB_BATCH_SIZE
 
-    batch_size = current_settings().calib_batch_size if batch_size is None else batch_size
+    batch_size = DEFAULT_CALIB_BATCH_SIZE if batch_size is None else batch_size
     specs = input_specs(model)
     source = open_source(source, specs) if not isinstance(source, CalibrationSource) else source
     plan = plan_tensors(model, tensors)

@@ -96,10 +96,11 @@ def _fmt(shape) -> str:
 
 
 def synthetic_inputs(
-    specs: list[InputSpec], shapes: dict[str, ShapeSpec | tuple[int, ...]] | None = None, seed: int = 0,
+    specs: list[InputSpec], shapes: dict[str, ShapeSpec | tuple[int, ...]] | None = None, seed: int | list[int] = 0,
     warnings: list[str] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Deterministic inputs: floats uniform in [-1, 1), integers in {0, 1}, random booleans."""
+    """Deterministic inputs: floats uniform in [-1, 1), integers in {0, 1}, random booleans
+    (``seed``: anything ``numpy.random.default_rng`` takes, e.g. ``[source seed, sample index]``)."""
     rng = np.random.default_rng(seed)
     warnings = warnings if warnings is not None else []
     feeds = {}

@@ -5,9 +5,11 @@ models of a fleet -- is written as ``executor.map(fn, items, stage=...)``: ``fn`
 function, ``items`` a list of argument tuples, and the results come back in the order of
 ``items``. ``InProcessExecutor`` (the default) calls ``fn`` here, one item after the other;
 ``optimizer.ray_executor.RayExecutor`` runs one Ray task per item. Nothing below the driver imports
-Ray: the driver picks the executor and installs it for a run with ``run_settings``, and calibration
-code reads it with ``current_settings``. Results are identical either way, because every task's
-result is merged exactly (``TensorStats.merge``).
+Ray: the driver picks the executor and puts it in the run's ``PassContext.executor``; passes hand
+it to calibration as an argument. Tasks never fan out again (they run with no executor). Results
+are identical either way, because every task's result is merged exactly (``TensorStats.merge``,
+``optimizer.evaluate.Tally.merge``) and sequential searches keep their path
+(``optimizer.speculative``).
 
 ``share(obj)`` hands a large input (a serialized model, reference outputs) to every task once: the
 object itself in-process, an object-store reference on Ray (resolved before ``fn`` runs when it is
@@ -17,10 +19,8 @@ to ``executor.stages``; the report shows them.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -84,50 +84,26 @@ class InProcessExecutor:
         return obj
 
     def describe(self) -> dict:
-        return {"executor": self.name, "workers": self.workers, "stages": [s.to_dict() for s in self.stages]}
+        """The report's ``executor``: name, workers, and per stage tasks and times."""
+        return {"name": self.name, "workers": self.workers, "stages": [s.to_dict() for s in self.stages]}
 
 
-@dataclass(frozen=True)
-class RunSettings:
-    """What one run's calibration reads besides its arguments: the executor and the calibration
-    batch size (samples read and folded in at a time; it never changes a statistic)."""
-
-    executor: Executor = field(default_factory=InProcessExecutor)
-    calib_batch_size: int = DEFAULT_CALIB_BATCH_SIZE
+def fans_out(executor: Executor | None) -> bool:
+    """Whether work should be split into tasks on ``executor``: any real executor (Ray, even with
+    one worker), and in-process only when asked to (``workers > 1``, as tests do)."""
+    return executor is not None and (executor.workers > 1 or not isinstance(executor, InProcessExecutor))
 
 
-_SETTINGS: contextvars.ContextVar[RunSettings | None] = contextvars.ContextVar("calibration_run_settings", default=None)
-
-
-def current_settings() -> RunSettings:
-    """The settings of the run in progress (in-process, default batch size outside any run)."""
-    settings = _SETTINGS.get()
-    return settings if settings is not None else RunSettings()
-
-
-@contextlib.contextmanager
-def run_settings(executor: Executor | None = None, calib_batch_size: int | None = None) -> Iterator[RunSettings]:
-    """Install ``executor`` and ``calib_batch_size`` for the code run inside the block."""
+def check_calib_batch_size(value) -> int:
+    """``value`` (None: ``DEFAULT_CALIB_BATCH_SIZE``) if it is a positive integer, else ``InputError``."""
     from optimizer.errors import InputError
 
-    if calib_batch_size is not None and (isinstance(calib_batch_size, bool) or not isinstance(calib_batch_size, int)
-                                         or calib_batch_size < 1):
-        raise InputError(f"calib_batch_size must be a positive integer, got {calib_batch_size!r}")
-    settings = RunSettings(executor if executor is not None else InProcessExecutor(),
-                           calib_batch_size or DEFAULT_CALIB_BATCH_SIZE)
-    token = _SETTINGS.set(settings)
-    try:
-        yield settings
-    finally:
-        _SETTINGS.reset(token)
+    if value is None:
+        return DEFAULT_CALIB_BATCH_SIZE
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"calib_batch_size must be a positive integer, got {value!r}")
+    return value
 
 
-@contextlib.contextmanager
-def in_process() -> Iterator[RunSettings]:
-    """Inside a task: keep the run's batch size, but never fan out again."""
-    with run_settings(InProcessExecutor(), current_settings().calib_batch_size) as settings:
-        yield settings
-
-
-__all__ = ["DEFAULT_CALIB_BATCH_SIZE", "Executor", "InProcessExecutor", "RunSettings", "StageRecord", "current_settings",
-           "in_process", "run_settings", "timed_call"]
+__all__ = ["DEFAULT_CALIB_BATCH_SIZE", "Executor", "InProcessExecutor", "StageRecord", "check_calib_batch_size",
+           "fans_out", "timed_call"]

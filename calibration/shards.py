@@ -22,7 +22,7 @@ from pathlib import Path
 import onnx
 
 from calibration.collect import CalibrationStatistics, collect_statistics
-from calibration.executor import Executor, in_process
+from calibration.executor import Executor
 from calibration.sources import effective_batch_size, is_fixed_batch
 from optimizer.errors import InputError
 from optimizer.runtime import input_specs
@@ -43,7 +43,10 @@ def shard_bounds(total: int, shards: int, align: int = 1) -> list[tuple[int, int
 
 
 def source_paths(source) -> list[Path]:
-    """The files or folders a source reads at run time (empty for in-memory sources)."""
+    """The files or folders a source (or a path given as data) reads at run time (empty for
+    in-memory sources)."""
+    if isinstance(source, (str, Path)):
+        return [Path(source)]
     inner = getattr(source, "source", None)
     if inner is not None:  # SliceSource / AdaptedSource wrap another source
         return source_paths(inner)
@@ -51,11 +54,28 @@ def source_paths(source) -> list[Path]:
     return [Path(folder)] if folder is not None else []
 
 
-def _check_readable(source) -> None:
+def check_readable(source, what: str = "calibration data") -> None:
+    """Refuse in one line, naming the path and this node, when a task cannot read ``source``."""
     for path in source_paths(source):
         if not path.exists():
-            raise InputError(f"calibration data {path} is not readable on worker node {socket.gethostname()}: put it on a "
+            raise InputError(f"{what} {path} is not readable on worker node {socket.gethostname()}: put it on a "
                              "filesystem every node mounts at the same path, or pass an .npz file (it travels in the object store)")
+
+
+def portable(data):
+    """``data`` as it best travels to tasks: a path to an ``.npz`` file becomes its arrays (which go
+    through the object store); anything else is returned as is."""
+    from calibration.data import load_npz
+
+    if isinstance(data, (str, Path)) and Path(data).suffix.lower() == ".npz" and Path(data).is_file():
+        return load_npz(data)
+    return data
+
+
+def ship_source(executor: Executor, source):
+    """``source`` as tasks receive it (the rule in the module docstring): in-memory sources
+    through ``executor.share``, sources read from files as they are (their paths)."""
+    return source if source_paths(source) else executor.share(source)
 
 
 def _shard_task(model_bytes: bytes, tensors: list[str], source, lo: int, hi: int, batch_size: int, num_bins: int,
@@ -63,11 +83,10 @@ def _shard_task(model_bytes: bytes, tensors: list[str], source, lo: int, hi: int
     """One shard: statistics of samples ``[lo, hi)`` of ``source`` (runs on a worker)."""
     from calibration.samples import SliceSource
 
-    _check_readable(source)
+    check_readable(source)
     model = onnx.load_from_string(model_bytes)
-    with in_process():
-        stats = collect_statistics(model, tensors, SliceSource(source, lo, hi), batch_size, num_bins,
-                                   sample_size=sample_size, seed=seed, first_sample=lo)
+    stats = collect_statistics(model, tensors, SliceSource(source, lo, hi), batch_size, num_bins,  # never fans out again
+                               sample_size=sample_size, seed=seed, first_sample=lo)
     stats.source = ""
     stats.warnings = []
     if stats.samples != hi - lo:
@@ -97,7 +116,7 @@ def collect_sharded(executor: Executor, model: onnx.ModelProto, tensors: list[st
         return None
     advance = progress("calibrating", total) if progress is not None else (lambda n=1: None)
     shared_model = executor.share(model_bytes)
-    shared_source = executor.share(source) if not source_paths(source) else source
+    shared_source = ship_source(executor, source)
     items = [(shared_model, list(tensors), shared_source, lo, hi, batch_size, num_bins, sample_size, seed) for lo, hi in bounds]
     shards = executor.map(_shard_task, items, stage="calibration")
     result = shards[0]
@@ -118,4 +137,4 @@ def collect_sharded(executor: Executor, model: onnx.ModelProto, tensors: list[st
     return result
 
 
-__all__ = ["SHARDS_PER_WORKER", "collect_sharded", "shard_bounds", "source_paths"]
+__all__ = ["SHARDS_PER_WORKER", "check_readable", "collect_sharded", "portable", "ship_source", "shard_bounds", "source_paths"]

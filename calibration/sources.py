@@ -543,7 +543,8 @@ class SyntheticSource:
 
     Flagged ``synthetic=True``: ranges calibrated on it say nothing about real data. Dynamic
     dimensions other than the batch come from ``shapes`` (as ``--shapes`` gives them) or default to 1
-    with a warning. Batch ``k`` uses seed ``seed + k``, so runs are reproducible.
+    with a warning. Sample ``i`` is drawn from its own generator, seeded ``(seed, i)``, so runs are
+    reproducible and the samples do not depend on the batch size they are read in.
     """
 
     samples: int = DEFAULT_SYNTHETIC_SAMPLES
@@ -577,10 +578,12 @@ class SyntheticSource:
         for spec in specs:
             shape = resolve_shape(spec, self.shapes, self.warnings)
             base[spec.name] = shape
-        for k, start in enumerate(range(0, usable, size)):
-            n = min(size, usable - start)
-            shapes = {name: ((n,) + shape[1:] if shape else shape) for name, shape in base.items()}
-            yield synthetic_inputs(specs, shapes, seed=self.seed + k)
+        # one sample at a time, at its resolved shape (batch 1; the model may fix another batch)
+        one = [InputSpec(s.name, s.dtype, (1,) + tuple(base[s.name][1:]) if base[s.name] else ()) for s in specs]
+        for start in range(0, usable, size):
+            samples = [synthetic_inputs(one, seed=[self.seed, i]) for i in range(start, min(start + size, usable))]
+            # a scalar input has no sample axis: the batch's first sample gives it
+            yield {name: np.concatenate([x[name] for x in samples]) if base[name] else samples[0][name] for name in base}
 
 
 # ---------------------------------------------------------------------------------------------

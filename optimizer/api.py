@@ -39,37 +39,13 @@ class OptimizeResult:
     shapes: ShapePlan | None = None
 
 
-def _with_run_settings(function):
-    """Issue 14: run ``optimize`` with the ``executor`` and ``calib_batch_size`` it was given
-    installed (``calibration.executor.run_settings``), and record the executor in the report."""
-    import functools
-
-    @functools.wraps(function)
-    def wrapper(*args, executor=None, calib_batch_size=None, **kwargs):
-        from calibration.executor import run_settings
-
-        with run_settings(executor, calib_batch_size) as settings:
-            try:
-                result = function(*args, **kwargs)
-            except PassError as exc:
-                if executor is not None and exc.report is not None:
-                    record_executor(exc.report, settings.executor)
-                raise
-        if executor is not None:
-            record_executor(result.report, settings.executor)
-        return result
-
-    return wrapper
-
-
 def record_executor(report: Report, executor) -> None:
-    """The executor, its workers and per-stage tasks and times, under ``samples.executor``."""
+    """The report's ``executor``: its name, workers (for Ray the cluster's nodes and CPUs) and per
+    stage tasks and times."""
     describe = getattr(executor, "describe", None)
-    info = describe() if callable(describe) else {"executor": executor.name, "workers": executor.workers}
-    report.samples = dict(report.samples or {}, executor=info)
+    report.executor = describe() if callable(describe) else {"name": executor.name, "workers": executor.workers}
 
 
-@_with_run_settings
 def optimize(
     model: str | os.PathLike | onnx.ModelProto,
     pipeline: str | Step | list = "default",
@@ -111,7 +87,11 @@ def optimize(
     in-process; ``calib_batch_size``: samples calibration reads at a time (default 16). Neither
     changes the model written. Raises ``InputError``/``PipelineError`` for bad input.
     """
+    from calibration.executor import InProcessExecutor, check_calib_batch_size
+
     start = time.perf_counter()
+    calib_batch_size = check_calib_batch_size(calib_batch_size)
+    executor = executor if executor is not None else InProcessExecutor()
     loaded_metric = load_metric(metric)
     original, source = load_model(model)
     input_warnings = validate_model(original, source.path)
@@ -136,7 +116,8 @@ def optimize(
     manager = PassManager(pipeline, verify=verify_used, strict=strict, keep_going=keep_going, hooks=hooks,
                           lossy_finite_only=lossy_finite_only)
     ctx = PassContext(input_shapes=dict(plan.shapes) if static_shapes else {}, progress=progress,
-                      metric=loaded_metric[1] if loaded_metric else None)
+                      metric=loaded_metric[1] if loaded_metric else None, executor=executor,
+                      calib_batch_size=calib_batch_size)
     calibrates = any(type(p).uses_calibration for p in iter_passes(manager.steps))
     if samples is not None:
         ctx.verify_batches = samples.verify
@@ -168,6 +149,7 @@ def optimize(
         report.passes = exc.records
         report.warnings = input_warnings
         report.total_time_s = time.perf_counter() - start
+        record_executor(report, executor)
         exc.report = report
         raise
     report.passes = result.records
@@ -195,11 +177,12 @@ def optimize(
             report.warnings.append(f"accuracy not measured: the original model runs at no shape tried; pass {plan.hint()}")
         else:
             accuracy = evaluate(original, result.model, samples.evaluation, plan.shapes, progress=progress,
-                                note=samples.note, batch_size=1 if prepared.batch_size == 1 else 32, metric=loaded_metric)
+                                note=samples.note, batch_size=_evaluation_batch_size(prepared), metric=loaded_metric,
+                                executor=executor)
             budget = _budget_to_fit(manager.steps, result.records, max_accuracy_drop)
             if budget is not None:
                 accuracy = _fit_budget(budget, original, manager, ctx, samples, plan, result, accuracy, report,
-                                       loaded_metric, static_shapes)
+                                       loaded_metric, static_shapes, executor)
             report.accuracy = accuracy
             report.warnings += [w for w in accuracy.warnings if w not in report.warnings]
             if accuracy.synthetic:
@@ -217,6 +200,7 @@ def optimize(
         protect = (source.path,) if source.path else ()
         report.output_path = str(save_model(result.model, output, protect=protect))
     report.total_time_s = time.perf_counter() - start
+    record_executor(report, executor)
     return OptimizeResult(result.model, report, plan)
 
 
@@ -244,13 +228,13 @@ def _budget_to_fit(steps, records, max_accuracy_drop: float | None) -> _Budget |
 
 
 def _fit_budget(budget: _Budget, original, manager, ctx, samples, plan, result, accuracy, report, loaded_metric,
-                static_shapes: bool):
+                static_shapes: bool, executor=None):
     """Return layers to float until ``budget`` holds; update ``result`` and ``report``; the accuracy."""
     from optimizer.budget import fit_budget, floor_metric, metric_of
 
     measure = floor_metric if budget.floor_of else metric_of
     fitted = fit_budget(original, manager.steps, ctx, budget.drop, samples.evaluation, plan.shapes,
-                        result, accuracy, metric=loaded_metric, measure=measure)
+                        result, accuracy, metric=loaded_metric, executor=executor, measure=measure)
     result.model, result.records = fitted.model, fitted.records
     if not static_shapes:
         restore_dynamic_dims(original, result.model)
@@ -279,6 +263,36 @@ def _fit_budget(budget: _Budget, original, manager, ctx, samples, plan, result, 
             f"{budget.drop}, even with {len(fitted.fallbacks)} layer(s) in float"
         )
     return fitted.accuracy
+
+
+@dataclass
+class EvaluationInputs:
+    """What ``optimize`` evaluates a model on (``plan_evaluation``): the samples, shapes, batch
+    size and note, and the original model's outputs on them when they fit in memory."""
+
+    source: object
+    shapes: dict
+    batch_size: int
+    note: str
+    reference: object = None  # optimizer.evaluate.ReferenceOutputs
+
+
+def plan_evaluation(original: onnx.ModelProto, data=None, shapes=None, calibration=None) -> EvaluationInputs | None:
+    """The evaluation ``optimize(original, ..., data=, shapes=, calibration=)`` runs at its end,
+    planned once for searches that evaluate many candidates (None when it would not evaluate)."""
+    from optimizer.evaluate import reference_outputs
+
+    specs = input_specs(original)
+    prepared = prepare(original, specs, _given_shapes(shapes, specs), data=data, calib=calibration)
+    if prepared.samples is None or not prepared.loadable:
+        return None
+    samples, size = prepared.samples, _evaluation_batch_size(prepared)
+    reference = reference_outputs(original, samples.evaluation, prepared.shapes.shapes, batch_size=size)
+    return EvaluationInputs(samples.evaluation, prepared.shapes.shapes, size, samples.note, reference)
+
+
+def _evaluation_batch_size(prepared) -> int:
+    return 1 if prepared.batch_size == 1 else 32
 
 
 def _given_shapes(shapes, specs) -> dict[str, ShapeSpec]:

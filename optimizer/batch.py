@@ -191,7 +191,7 @@ def batch_main(argv: list[str]) -> int:
             executor.close()
     failed = [r for r in results if r.status != "ok"]
     summary = {"source": args.source, "output": args.output, "models": len(results), "failed": len(failed),
-               "wall_s": round(wall, 3), "executor": executor.describe() if executor is not None else {"executor": "in-process"},
+               "wall_s": round(wall, 3), "executor": executor.describe() if executor is not None else {"name": "in-process", "workers": 1},
                "results": [asdict(r) for r in results]}
     (Path(args.output) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if args.json:

@@ -197,6 +197,7 @@ def build_check_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bisect", action="store_true", help="on failure, find the first pass that breaks a bound")
     parser.add_argument("--metric", metavar="NAME|module:function", help="task metric the accuracy bound applies to")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_scale_arguments(parser)
     return parser
 
 
@@ -212,15 +213,21 @@ def check_main(argv: list[str]) -> int:
         return 0 if exc.code == 0 else 2
     _quiet_graphsurgeon()
     pipeline = args.passes or (PRESETS[args.preset] if args.preset in PRESETS else args.preset)
+    executor = None
     try:
+        executor = executor_from_args(args)
         result = check_regression(
             args.model, pipeline, optimized=args.optimized, data=args.data, shapes=args.shapes,
             calibration=args.calib, baseline=args.baseline, max_accuracy_drop=args.max_accuracy_drop,
             min_cosine=args.min_cosine, min_compression=args.min_compression, bisect=args.bisect, metric=args.metric,
+            executor=executor, calib_batch_size=args.calib_batch_size,
         )
     except OptimizerError as exc:
         print(f"optimize check: error: {exc}", file=sys.stderr)
         return 2 if exc.exit_code == 2 else 1
+    finally:
+        if executor is not None:
+            executor.close()
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

@@ -1,7 +1,8 @@
 """Comparing outputs: max/mean absolute error, cosine similarity, argmax agreement, task accuracy.
 
 Accumulators are streaming: evaluation feeds them batch by batch, so memory does not grow with
-the number of samples.
+the number of samples. Their sums are exact (``ExactSum``), so accumulators over parts of the data
+``merge`` into bit-for-bit the accumulator of one pass over all of it, in any order.
 """
 
 from __future__ import annotations
@@ -77,17 +78,80 @@ class OutputMetrics:
         return d
 
 
+#: Every finite float64 is an integer multiple of 2**-1074, so values scaled by 2**EXACT_SHIFT are
+#: Python integers, and adding those is exact in any order and grouping (math.fsum cannot merge
+#: partial sums). frexp exponents are >= -1073, so every shift below is >= 4.
+EXACT_SHIFT = 1130
+
+
+def exact_integers(values) -> np.ndarray:
+    """Finite float64 ``values`` as Python integers (an object array of their shape) scaled by
+    ``2**EXACT_SHIFT``: sums of them are exact."""
+    mantissa, exponent = np.frexp(np.asarray(values, np.float64))
+    integers = (mantissa * 2.0**53).astype(np.int64).astype(object)  # exact: 53-bit mantissas
+    return integers << (exponent.astype(np.int64) - 53 + EXACT_SHIFT).astype(object)
+
+
+def exact_quotient(total: int, divisor: int = 1) -> float:
+    """``total / 2**EXACT_SHIFT / divisor``, correctly rounded (Python's int / int is)."""
+    try:
+        return total / (int(divisor) << EXACT_SHIFT)
+    except OverflowError:
+        return math.copysign(math.inf, total)
+
+
+class ExactSum:
+    """A running sum of float64 scalars (or of same-shaped arrays) that is exact: any order and
+    grouping of ``add`` and ``merge`` gives the same bits. Non-finite values are summed apart as
+    floats (inf/nan sums do not depend on the order either)."""
+
+    def __init__(self):
+        self.total = None  # Python int, or an object array of them
+        self.special = 0.0  # the sum of the non-finite values
+
+    def add(self, values) -> None:
+        v = np.asarray(values, np.float64)
+        finite = np.isfinite(v)
+        if not finite.all():
+            self.special = self.special + np.where(finite, 0.0, v)
+            v = np.where(finite, v, 0.0)
+        ints = exact_integers(v)
+        ints = int(ints) if np.ndim(ints) == 0 else ints
+        self.total = ints if self.total is None else self.total + ints
+
+    def merge(self, other: ExactSum) -> None:
+        if other.total is not None:
+            self.total = other.total if self.total is None else self.total + other.total
+            self.special = self.special + other.special
+
+    def value(self, divisor: int = 1):
+        """The sum (divided by ``divisor``), correctly rounded: a float, or a float64 array."""
+        if self.total is None:
+            return 0.0
+        if isinstance(self.total, np.ndarray):
+            finite = np.array([exact_quotient(t, divisor) for t in self.total.ravel()], np.float64).reshape(self.total.shape)
+        else:
+            finite = exact_quotient(self.total, divisor)
+        special = np.asarray(self.special, np.float64)
+        if not np.any(special != 0.0):  # (nan != 0 too)
+            return finite
+        merged = np.where(special != 0.0, special / divisor, finite)
+        return float(merged) if merged.ndim == 0 else merged
+
+
 class OutputAccumulator:
-    """Streams batches of (reference, candidate) for one output and yields ``OutputMetrics``."""
+    """Streams batches of (reference, candidate) for one output and yields ``OutputMetrics``;
+    ``merge`` folds in another accumulator of the same output (other batches) exactly."""
 
     def __init__(self, name: str):
         self.name = name
         self.max_abs = 0.0
-        self.sum_abs = 0.0
         self.max_ref = 0.0
-        self.dot = self.ref_sq = self.new_sq = self.err_sq = 0.0
-        self.slice_ref_sq: np.ndarray | None = None  # per index of axis 1
-        self.slice_err_sq: np.ndarray | None = None
+        # exact sums of the per-batch sums: |err|, ref.new, ref^2, new^2, err^2
+        self.sums = {key: ExactSum() for key in ("abs", "dot", "ref_sq", "new_sq", "err_sq")}
+        # per index of axis 1 (ref^2, err^2); None once batches disagree on that axis' length
+        self.slices: tuple[ExactSum, ExactSum] | None = (ExactSum(), ExactSum())
+        self.slice_count: int | None = None
         self.rows = self.rows_agree = 0
         self.mismatched = 0
         self.elements = 0
@@ -113,41 +177,69 @@ class OutputAccumulator:
         diff = np.abs(r[finite] - n[finite])
         if diff.size:
             self.max_abs = max(self.max_abs, float(diff.max()))
-            self.sum_abs += float(diff.sum())
             self.max_ref = max(self.max_ref, float(np.abs(r[finite]).max()))
-            self.dot += float(np.dot(r[finite], n[finite]))
-            self.ref_sq += float(np.dot(r[finite], r[finite]))
-            self.new_sq += float(np.dot(n[finite], n[finite]))
-            self.err_sq += float(np.dot(diff, diff))
+            self.sums["abs"].add(diff.sum())
+            self.sums["dot"].add(np.dot(r[finite], n[finite]))
+            self.sums["ref_sq"].add(np.dot(r[finite], r[finite]))
+            self.sums["new_sq"].add(np.dot(n[finite], n[finite]))
+            self.sums["err_sq"].add(np.dot(diff, diff))
         if ref.ndim >= 2 and np.all(finite):
             r1 = np.moveaxis(ref.astype(np.float64), 1, 0).reshape(ref.shape[1], -1)
             e1 = r1 - np.moveaxis(new.astype(np.float64), 1, 0).reshape(ref.shape[1], -1)
-            if self.slice_ref_sq is None or self.slice_ref_sq.shape[0] != r1.shape[0]:
-                self.slice_ref_sq, self.slice_err_sq = np.zeros(r1.shape[0]), np.zeros(r1.shape[0])
-            self.slice_ref_sq += np.einsum("ij,ij->i", r1, r1)
-            self.slice_err_sq += np.einsum("ij,ij->i", e1, e1)
+            batch = ExactSum(), ExactSum()
+            batch[0].add(np.einsum("ij,ij->i", r1, r1))
+            batch[1].add(np.einsum("ij,ij->i", e1, e1))
+            self._fold_slices(r1.shape[0], *batch)
         if ref.ndim >= 2 and ref.shape[-1] > 1:
             ra = np.argmax(ref.reshape(-1, ref.shape[-1]), axis=-1)
             na = np.argmax(new.reshape(-1, new.shape[-1]), axis=-1)
             self.rows += ra.size
             self.rows_agree += int(np.count_nonzero(ra == na))
 
+    def _fold_slices(self, count: int, ref_sq: ExactSum, err_sq: ExactSum) -> None:
+        """Per-slice sums of axis 1; dropped for good when batches disagree on its length (so the
+        result never depends on which batches came last)."""
+        if self.slices is None or (self.slice_count is not None and count != self.slice_count):
+            self.slices = None
+            return
+        self.slice_count = count
+        self.slices[0].merge(ref_sq)
+        self.slices[1].merge(err_sq)
+
+    def merge(self, other: OutputAccumulator) -> None:
+        """Fold in the accumulator of other batches of the same output: exact, order-independent."""
+        self.max_abs = max(self.max_abs, other.max_abs)
+        self.max_ref = max(self.max_ref, other.max_ref)
+        for key, total in self.sums.items():
+            total.merge(other.sums[key])
+        if other.slices is None:
+            self.slices = None
+        elif other.slice_count is not None:
+            self._fold_slices(other.slice_count, *other.slices)
+        self.rows += other.rows
+        self.rows_agree += other.rows_agree
+        self.mismatched += other.mismatched
+        self.elements += other.elements
+        self.is_float = self.is_float and other.is_float
+
     def result(self) -> OutputMetrics:
         if not self.is_float:
             mismatch = self.mismatched / self.elements if self.elements else 0.0
             return OutputMetrics(self.name, 0.0, 0.0, 0.0, None, None, mismatch, self.elements)
-        denom = np.sqrt(self.ref_sq) * np.sqrt(self.new_sq)
+        dot, ref_sq, new_sq, err_sq = (self.sums[k].value() for k in ("dot", "ref_sq", "new_sq", "err_sq"))
+        denom = np.sqrt(ref_sq) * np.sqrt(new_sq)
         if denom > 0:
-            cosine = float(self.dot / denom)
+            cosine = float(dot / denom)
         else:
-            cosine = 1.0 if self.ref_sq == self.new_sq else 0.0
-        mean_abs = self.sum_abs / self.elements if self.elements else 0.0
+            cosine = 1.0 if ref_sq == new_sq else 0.0
+        mean_abs = self.sums["abs"].value(self.elements) if self.elements else 0.0
         agreement = self.rows_agree / self.rows if self.rows else None
         mismatch = self.mismatched / self.elements if self.elements else 0.0
-        sqnr = _sqnr(self.ref_sq, self.err_sq)
+        sqnr = _sqnr(ref_sq, err_sq)
         balanced = None
-        if self.slice_ref_sq is not None:
-            balanced = float(np.mean([_sqnr(r, e) for r, e in zip(self.slice_ref_sq, self.slice_err_sq)]))
+        if self.slices is not None and self.slice_count is not None:
+            slice_ref, slice_err = self.slices[0].value(), self.slices[1].value()
+            balanced = float(np.mean([_sqnr(r, e) for r, e in zip(slice_ref, slice_err)]))
         return OutputMetrics(self.name, self.max_abs, mean_abs, self.max_ref, cosine, agreement, mismatch, self.elements,
                              sqnr, balanced)
 

@@ -69,6 +69,9 @@ class PassContext:
     ``score_batches``: more of the same samples, for scoring search candidates.
     ``calibration``: a calibration data source (quantization passes).
     ``progress``: ``progress(description, total)`` returns a callable ``advance(n=1)``.
+    ``executor``: where a pass's independent work runs (``calibration.executor``: calibration
+    shards, search candidates); None runs it in-process. ``calib_batch_size``: samples calibration
+    reads at a time (None: its default); neither changes a result.
     """
 
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -86,6 +89,8 @@ class PassContext:
     feed_adapter: Callable[[dict], dict] | None = None
     #: The user's task metric ``f(outputs, reference, labels) -> points`` (``--metric``), or None.
     metric: Callable[..., float] | None = None
+    executor: Any = None  # a calibration.executor.Executor (the kernel does not import calibration)
+    calib_batch_size: int | None = None
 
     def progress_bar(self, description: str, total: int | None = None) -> Callable[..., None]:
         """A progress callback; a no-op when nobody listens."""

@@ -95,8 +95,8 @@ class RayExecutor:
             # address="local": always a new cluster, never one a `ray start` left on this machine
             ray.init(address="local", num_cpus=self.workers, include_dashboard=False, log_to_driver=False)
             self._started = True
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        self.workers = cpus if self.address is not None or self.workers is None else self.workers
+        self.cpus = int(ray.cluster_resources().get("CPU", 1))
+        self.workers = self.cpus if self.address is not None or self.workers is None else self.workers
         self.nodes = len([n for n in ray.nodes() if n.get("Alive")])
 
     def _task(self):
@@ -123,8 +123,10 @@ class RayExecutor:
         return import_ray().put(obj)
 
     def describe(self) -> dict:
-        return {"executor": self.name, "address": self.address, "workers": self.workers, "nodes": self.nodes,
-                "stages": [s.to_dict() for s in self.stages]}
+        """The report's ``executor``: name, address, workers, the cluster's live nodes and CPUs,
+        and per stage tasks and times."""
+        return {"name": self.name, "address": self.address, "workers": self.workers, "nodes": self.nodes,
+                "cpus": self.cpus, "stages": [s.to_dict() for s in self.stages]}
 
     def close(self) -> None:
         """Shut down the cluster this executor started (or leave the one it joined)."""

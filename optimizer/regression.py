@@ -12,7 +12,9 @@ the original, and compares the result with bounds:
 A baseline (a JSON report written by ``optimize --report``) supplies bounds that were not given
 explicitly: its accuracy (minus ``max_accuracy_drop``, default 0), its cosines (minus 1e-4) and
 its compression (minus 1 %). ``bisect=True`` finds the first pass of the pipeline that breaks an
-accuracy bound by evaluating pipeline prefixes (binary search).
+accuracy bound by evaluating pipeline prefixes (binary search): one executor task per prefix, the
+original's outputs on the evaluation samples computed once and shared with every task, the
+binary search run in speculative rounds with the sequential result (``optimizer.speculative``).
 """
 
 from __future__ import annotations
@@ -159,9 +161,13 @@ def check_regression(
     min_compression: float | None = None,
     bisect: bool = False,
     metric=None,
+    executor=None,
+    calib_batch_size: int | None = None,
 ) -> CheckResult:
     """Optimize (or take ``optimized``), evaluate, and compare with the bounds (``metric``: a task
-    metric, see ``optimizer.task_metrics``; the accuracy bound then applies to it)."""
+    metric, see ``optimizer.task_metrics``; the accuracy bound then applies to it). ``executor``:
+    where calibration, evaluation and the bisection's prefixes run (in-process by default);
+    ``calib_batch_size`` as for ``optimize``."""
     from optimizer.api import optimize
     from optimizer.io import load_model
     from optimizer.stats import model_stats
@@ -182,13 +188,13 @@ def check_regression(
 
         dataset = load_npz(data) if isinstance(data, (str, os.PathLike)) else data
         shape_specs = shapes if isinstance(shapes, dict) else parse_shapes(shapes)
-        accuracy = evaluate(original, candidate, dataset, shape_specs, metric=metric)
+        accuracy = evaluate(original, candidate, dataset, shape_specs, metric=metric, executor=executor)
         compression = model_stats(original).model_bytes / max(model_stats(candidate).model_bytes, 1)
         bounds = make_bounds(accuracy, compression, base, max_accuracy_drop, min_cosine, min_compression)
         return CheckResult(bounds, None)
     try:
         result = optimize(model, pipeline, data=data, shapes=shapes, calibration=calibration, verify="numeric",
-                          lossy_finite_only=True, metric=metric)
+                          lossy_finite_only=True, metric=metric, executor=executor, calib_batch_size=calib_batch_size)
     except PassError as exc:
         report = exc.report
         check = CheckResult([], report, errors=[str(exc)], first_bad_pass=exc.pass_name or None)
@@ -200,33 +206,65 @@ def check_regression(
     )
     if not check.ok and bisect:
         check.first_bad_pass = _bisect(model, report.pipeline, data, shapes, calibration, base,
-                                       max_accuracy_drop, min_cosine, metric)
+                                       (max_accuracy_drop, min_cosine), metric, executor)
     return check
 
 
-def _bisect(model, pipeline: str, data, shapes, calibration, base, max_accuracy_drop, min_cosine, metric=None) -> str | None:
-    """The first pass whose prefix breaks an accuracy bound (compression is not bisected)."""
-    from optimizer.api import optimize
+def _bisect(model, pipeline: str, data, shapes, calibration, base, limits: tuple, metric=None, executor=None) -> str | None:
+    """The first pass whose prefix breaks an accuracy bound (compression is not bisected): the
+    smallest k whose k-pass prefix is bad, by binary search. Prefixes are executor tasks, evaluated
+    ahead in rounds as wide as the executor (``speculative_search``): the walk is the sequential
+    binary search, so the pass named is the one it names, for any number of workers -- chosen over
+    a (W+1)-ary split, which can name another pass when the prefixes' badness is not monotone."""
+    from calibration.executor import InProcessExecutor
+    from calibration.shards import portable, ship_source
+    from optimizer.api import plan_evaluation
+    from optimizer.io import load_model
     from optimizer.pipeline import format_pass, iter_passes, parse_pipeline
+    from optimizer.speculative import speculative_search
 
     passes = list(iter_passes(parse_pipeline(pipeline)))
-
-    def bad(k: int) -> bool:
-        try:
-            run = optimize(model, passes[:k], data=data, shapes=shapes, calibration=calibration, verify="off",
-                           metric=metric)
-        except PassError:
-            return True
-        bounds = make_bounds(run.report.accuracy, None, base, max_accuracy_drop, min_cosine, None)
-        return not all(b.ok for b in bounds)
-
-    lo, hi = 1, len(passes)
-    if not passes or not bad(hi):
+    if not passes:
         return None
-    while lo < hi:  # smallest k with a bad prefix
-        mid = (lo + hi) // 2
-        if bad(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return format_pass(passes[lo - 1])
+    executor = executor if executor is not None else InProcessExecutor()
+    original, _ = load_model(model)
+    data, calibration = portable(data), portable(calibration)
+    evaluation = executor.share(plan_evaluation(original, data, shapes, calibration))  # its source, its reference
+    shared = executor.share(original), ship_source(executor, data), ship_source(executor, calibration)
+
+    def evaluate_all(ks: list[int]) -> list[bool]:
+        items = [(*shared, shapes, passes[:k], evaluation, base, limits, metric) for k in ks]
+        return executor.map(prefix_breaks, items, stage="bisect")
+
+    def step(state):
+        if state[0] == "full":  # the whole pipeline first: if it is fine, nothing to name
+            return len(passes), ("search", 1, len(passes)), ("clean",)
+        if state[0] == "search" and state[1] < state[2]:  # the smallest bad k is in [lo, hi]
+            lo, hi = state[1], state[2]
+            mid = (lo + hi) // 2
+            return mid, ("search", lo, mid), ("search", mid + 1, hi)
+        return None
+
+    search = speculative_search(("full",), step, evaluate_all, bool, executor.workers)
+    return format_pass(passes[search.state[1] - 1]) if search.state[0] == "search" else None
+
+
+def prefix_breaks(model, data, calibration, shapes, passes: list, evaluation, base, limits: tuple, metric) -> bool:
+    """A task: whether the pipeline prefix ``passes`` breaks an accuracy bound (a pass that fails
+    counts as breaking one), evaluated as ``optimize`` evaluates, on the shared original outputs."""
+    from calibration.shards import check_readable
+    from optimizer.api import optimize
+
+    for source in (data, calibration, evaluation.source if evaluation is not None else None):
+        check_readable(source, "data")
+    try:
+        run = optimize(model, passes, data=data, shapes=shapes, calibration=calibration, verify="off", metric=metric,
+                       evaluate_accuracy=False)
+    except PassError:
+        return True
+    accuracy = None
+    if evaluation is not None:
+        accuracy = evaluate(model, run.model, evaluation.source, evaluation.shapes, batch_size=evaluation.batch_size,
+                            note=evaluation.note, metric=metric, reference=evaluation.reference)
+    bounds = make_bounds(accuracy, None, base, *limits, None)
+    return not all(b.ok for b in bounds)

@@ -47,6 +47,7 @@ class Report:
     torch: dict | None = None  # from_torch / .pt2: exporter, fallback_reason, PyTorch vs exported / optimized
     precision: dict | None = None  # per layer: the precision it runs in and why; bytes stored per type
     time_breakdown: dict | None = None  # pass manager: seconds and calls per stage, replayed groups (issue 16)
+    executor: dict | None = None  # where independent work ran: name, workers, nodes/CPUs, tasks and time per stage
 
     # -- derived -----------------------------------------------------------------------------
     @property
@@ -92,6 +93,7 @@ class Report:
             "torch": self.torch,
             "precision": self.precision,
             "time_breakdown": self.time_breakdown,
+            "executor": self.executor,
             "warnings": list(self.warnings),
         }
 
@@ -109,6 +111,7 @@ class Report:
             f"- pipeline: `{self.pipeline or '(empty)'}`",
             f"- verification: {self.verify}",
             f"- output: `{self.output_path or '(not saved)'}`",
+        ] + _executor_lines(self.executor) + [
             "",
             "| | before | after | rate |",
             "|---|---:|---:|---:|",
@@ -307,6 +310,17 @@ def _torch_lines(torch: dict | None) -> list[str]:
             lines.append(f"- PyTorch {kind.replace('_', ' ')} `{name}`: max abs {m['max_abs']:.3g}, "
                          f"max rel {m['max_rel']:.3g}, cosine {_opt(m['cosine'], '.6f')} ({torch['inputs']})")
     return lines
+
+
+def _executor_lines(executor: dict | None) -> list[str]:
+    """One Markdown line: where independent work ran, and its tasks."""
+    if not executor:
+        return []
+    where = f"{executor.get('name')}, {executor.get('workers')} worker(s)"
+    if executor.get("nodes") is not None:
+        where += f" on {executor['nodes']} node(s), {executor.get('cpus')} CPU(s)"
+    stages = ", ".join(f"{s['stage']} {s['tasks']} task(s) {s['wall_s']:.2f} s" for s in executor.get("stages", []))
+    return [f"- executor: {where}" + (f" ({stages})" if stages else "")]
 
 
 def _pass_dict(r: PassRecord) -> dict:

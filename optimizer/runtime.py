@@ -79,6 +79,13 @@ def output_names(model: onnx.ModelProto) -> list[str]:
     return [o.name for o in model.graph.output]
 
 
+#: ONNX Runtime's results change in the last bits with its intra-op thread count (measured:
+#: digits_cnn's activations differ between 1 thread and 2), so every run whose bits must not depend
+#: on where it runs -- calibration, evaluation, search candidates, in-process or on any worker of a
+#: cluster -- uses this many threads.
+REPRODUCIBLE_THREADS = 1
+
+
 class OrtRunner:
     """Runs a ``ModelProto`` in ONNX Runtime on the CPU.
 

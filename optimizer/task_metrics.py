@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 
 from optimizer.errors import InputError
+from optimizer.metrics import ExactSum
 
 Outputs = dict[str, np.ndarray]
 Metric = Callable[[Outputs, Outputs, "np.ndarray | None"], float]
@@ -136,11 +137,12 @@ class MetricScore:
 
 
 class MetricAccumulator:
-    """Sample-weighted means of a metric over batches, for the original and the optimized model."""
+    """Sample-weighted means of a metric over batches, for the original and the optimized model.
+    The sums are exact, so accumulators over parts of the data ``merge`` into the one of all of it."""
 
     def __init__(self, name: str, function: Metric):
         self.name, self.function = name, function
-        self.sum_original = self.sum_optimized = 0.0
+        self.sum_original, self.sum_optimized = ExactSum(), ExactSum()
         self.samples = 0
 
     def update(self, outputs: Outputs, reference: Outputs, labels, samples: int) -> None:
@@ -151,11 +153,17 @@ class MetricAccumulator:
             raise
         except Exception as exc:  # the user's function: its failure becomes one line
             raise InputError(f"metric {self.name} failed: {type(exc).__name__}: {exc}") from None
-        self.sum_original += original * samples
-        self.sum_optimized += optimized * samples
+        self.sum_original.add(original * samples)
+        self.sum_optimized.add(optimized * samples)
         self.samples += samples
+
+    def merge(self, other: MetricAccumulator) -> None:
+        """Fold in the accumulator of other batches (exact)."""
+        self.sum_original.merge(other.sum_original)
+        self.sum_optimized.merge(other.sum_optimized)
+        self.samples += other.samples
 
     def result(self) -> MetricScore | None:
         if not self.samples:
             return None
-        return MetricScore(self.name, self.sum_original / self.samples, self.sum_optimized / self.samples)
+        return MetricScore(self.name, float(self.sum_original.value(self.samples)), float(self.sum_optimized.value(self.samples)))

@@ -202,7 +202,8 @@ def collect_group_stats(graph: gs.Graph, groups: list[Group], ctx: PassContext, 
     stats = collect_channel_stats(model, tensors, source, AWQ_ROWS, ctx.progress, max_samples=AWQ_SAMPLES)
     signed = {}
     if means:  # a second pass: ChannelStats has no signed mean (yet)
-        signed = collect_channel_means(model, {t: -1 for t in stats}, source, max_samples=AWQ_SAMPLES).means
+        signed = collect_channel_means(model, {t: -1 for t in stats}, source, ctx.calib_batch_size,
+                                       max_samples=AWQ_SAMPLES).means
     return (dict(stats), signed), {"source": stats.source, "samples": stats.samples, "max_rows": AWQ_ROWS,
                                    "tensors": len(stats), "skipped": dict(stats.skipped)}
 

@@ -123,7 +123,8 @@ def calibrate(graph: gs.Graph, tensors: list[str], ctx: PassContext, method: str
             info = {"source": f"range cache {cache}", "synthetic": False, "samples": 0, "method": "cache", "skipped": {}}
             return {"cache": result}, info
     source = _source_for(model, ctx, ctx.calibration)
-    stats = collect.collect_statistics(model, tensors, source, progress=ctx.progress)
+    stats = collect.collect_statistics(model, tensors, source, ctx.calib_batch_size, progress=ctx.progress,
+                                       executor=ctx.executor)
     plan = auto_candidates if method == "auto" else ((method, method, percentile),)
     candidates: dict[str, dict] = {}
     for label, range_method, pct in plan:
@@ -153,14 +154,14 @@ def calibrate(graph: gs.Graph, tensors: list[str], ctx: PassContext, method: str
 def select_method(graph: gs.Graph, scoring: Scoring, qdq: dict[str, gs.Variable], candidates: dict[str, dict]):
     """Score every candidate's scales end to end: the quantized model (scales swapped in) against
     the float model on the scoring samples. The candidates' model runs are independent tasks of the
-    run's executor (``calibration.executor``; in-process by default), the model and the batches
+    run's executor (``PassContext.executor``; in-process by default), the model and the batches
     shared once; the scoring itself stays here. Returns ``(chosen label, table, description of the
     samples)``."""
-    from calibration.executor import current_settings
+    from calibration.executor import InProcessExecutor
 
     quantized = _graph_model(graph)
     scale_names = {name: _scale_constant(dq).name for name, dq in qdq.items()}
-    executor = current_settings().executor
+    executor = scoring.ctx.executor if scoring.ctx.executor is not None else InProcessExecutor()
     batches = scoring.batches
     model_ref, batches_ref = executor.share(quantized.SerializeToString()), executor.share(batches)
     items = [(model_ref, batches_ref, {init: max(float(ranges[tensor]["scale"]), 1e-12) for tensor, init in scale_names.items()})
@@ -248,7 +249,8 @@ def observe_amax(graph: gs.Graph, tensors: list[str], ctx: PassContext) -> dict[
     source = _source_for(model, ctx, data)
     # Without real data this is a smoke check on a few synthetic samples; keep it cheap.
     limit = None if ctx.calibration is not None else 4
-    stats = collect.collect_statistics(model, tensors, source, progress=ctx.progress, max_samples=limit)
+    stats = collect.collect_statistics(model, tensors, source, ctx.calib_batch_size, progress=ctx.progress,
+                                       max_samples=limit, executor=ctx.executor)
     return {name: float(st.amax) for name, st in stats.items()}
 
 

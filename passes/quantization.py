@@ -354,7 +354,7 @@ class QuantizeInt8(Pass):
         axes = mean_tensors(targets)
         model = float_model if float_model is not None else _graph_model(graph)
         source = _source_for(model, ctx, ctx.calibration)
-        means = collect_channel_means(model, axes, source, max_samples=BIAS_SAMPLES).means
+        means = collect_channel_means(model, axes, source, ctx.calib_batch_size, max_samples=BIAS_SAMPLES).means
         corrections = corrections_for(targets, means, skipped, axes)
         if not corrections:
             return {"applied": 0, "kept": False}

@@ -40,4 +40,14 @@ def test_int8_model_is_byte_identical_for_every_calib_batch_size_and_sharding(tm
     assert len(set(digests.values())) == 1, digests
     stage = executor.stages[0]
     assert stage.stage == "calibration" and stage.tasks >= 2
-    assert sharded.report.samples["executor"]["stages"][0]["tasks"] == stage.tasks
+    assert sharded.report.executor["stages"][0]["tasks"] == stage.tasks
+
+
+def test_synthetic_calibration_does_not_depend_on_the_batch_size(tmp_path):
+    """Without --calib the samples are synthetic, drawn per sample: the batch size changes nothing."""
+    digests = set()
+    for size in (1, 7, 32):
+        out = tmp_path / f"{size}.onnx"
+        assert main([str(ROOT / CASES[0][0]), "--int8", "--no-eval", "-o", str(out), "--calib-batch-size", str(size)]) == 0
+        digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert len(digests) == 1

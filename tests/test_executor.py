@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from calibration.executor import InProcessExecutor, current_settings, run_settings
+from calibration.executor import InProcessExecutor, check_calib_batch_size, fans_out
 from calibration.shards import shard_bounds, source_paths
 from optimizer.batch import load_items
 from optimizer.cli import main
 from optimizer.errors import InputError
 
-ZOO = Path(__file__).resolve().parents[1] / "sample_models" / "zoo"
+ROOT = Path(__file__).resolve().parents[1]
+ZOO = ROOT / "sample_models" / "zoo"
 
 
 def _square(x: int) -> int:
@@ -31,15 +32,25 @@ def test_in_process_executor_maps_in_order_and_records_the_stage():
     assert executor.share(b"abc") == b"abc"
 
 
-def test_run_settings_are_scoped_and_checked():
-    assert current_settings().calib_batch_size == 16 and current_settings().executor.workers == 1
-    with run_settings(InProcessExecutor(workers=3), calib_batch_size=4) as settings:
-        assert current_settings() is settings and settings.executor.workers == 3
-    assert current_settings().calib_batch_size == 16
+def test_calib_batch_size_is_checked_and_only_real_executors_fan_out():
+    assert check_calib_batch_size(None) == 16 and check_calib_batch_size(4) == 4
     for bad in (0, -1, 2.5, True):
         with pytest.raises(InputError, match="calib_batch_size"):
-            with run_settings(calib_batch_size=bad):
-                pass
+            check_calib_batch_size(bad)
+    assert not fans_out(None) and not fans_out(InProcessExecutor()) and fans_out(InProcessExecutor(workers=3))
+
+
+def test_optimize_refuses_a_bad_calib_batch_size_and_passes_read_the_context():
+    from optimizer.api import optimize
+
+    with pytest.raises(InputError, match="calib_batch_size"):
+        optimize(ROOT / "sample_models" / "digits_cnn" / "model.onnx", "int8", calib_batch_size=0)
+    executor = InProcessExecutor(workers=2)
+    result = optimize(ROOT / "sample_models" / "digits_cnn" / "model.onnx", "int8", executor=executor,
+                      calibration=ROOT / "sample_models" / "digits_cnn" / "calib.npz", evaluate_accuracy=False)
+    # the quantize pass read PassContext.executor: its calibration and method selection ran as tasks
+    assert {"calibration", "method selection"} <= {s.stage for s in executor.stages}
+    assert result.report.executor["workers"] == 2
 
 
 def test_shard_bounds_cover_every_sample_once_on_the_fixed_batch_grid():

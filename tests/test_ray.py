@@ -13,7 +13,6 @@ import onnx
 import pytest
 
 from calibration.collect import collect_statistics
-from calibration.executor import run_settings
 from optimizer.cli import main
 
 ray = pytest.importorskip("ray")
@@ -56,8 +55,7 @@ def test_sharded_statistics_equal_the_in_process_ones(cluster):
     names = [o for node in model.graph.node for o in node.output]
     calib = ROOT / "sample_models" / "digits_cnn" / "calib.npz"
     local = collect_statistics(model, names, calib)
-    with run_settings(cluster, calib_batch_size=7):
-        sharded = collect_statistics(model, names, calib)
+    sharded = collect_statistics(model, names, calib, 7, executor=cluster)
     assert sharded.shards == 4 and cluster.stages[-1].stage == "calibration" and cluster.stages[-1].tasks == 4
     _same(local, sharded)
 
@@ -72,8 +70,8 @@ def test_workers_2_writes_a_byte_identical_model(cluster, tmp_path, model, calib
     assert main(base + ["-o", str(one), "--calib-batch-size", "32"]) == 0
     assert main(base + ["-o", str(two), "--workers", "2", "--report", str(tmp_path / "r.json")]) == 0
     assert _digest(one) == _digest(two)
-    executor = json.loads((tmp_path / "r.json").read_text())["samples"]["executor"]
-    assert executor["executor"] == "ray" and executor["workers"] == 2
+    executor = json.loads((tmp_path / "r.json").read_text())["executor"]
+    assert executor["name"] == "ray" and executor["workers"] == 2 and executor["cpus"] == 2 and executor["nodes"] == 1
     assert executor["stages"] and executor["stages"][0]["tasks"] >= 2
 
 
@@ -109,13 +107,13 @@ def test_a_task_whose_worker_dies_is_retried(cluster, tmp_path):
 
 
 def test_a_user_error_in_a_task_is_not_retried_and_reaches_the_caller(cluster, tmp_path):
-    from calibration.shards import _check_readable
+    from calibration.shards import check_readable
     from calibration.sources import NpyFolderSource
     from optimizer.errors import InputError
 
     gone = NpyFolderSource(tmp_path / "not-mounted-here", "per-input", {})
     with pytest.raises(InputError, match="not readable on worker node"):
-        cluster.map(_check_readable, [(gone,)], stage="check")
+        cluster.map(check_readable, [(gone,)], stage="check")
 
 
 def test_batch_over_zoo_models_with_one_broken(cluster, tmp_path):
@@ -129,8 +127,53 @@ def test_batch_over_zoo_models_with_one_broken(cluster, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     status = {r["name"]: r["status"] for r in summary["results"]}
     assert status == {"broken": "failed", "hf_bert": "ok", "mobilenet_v2_tiny": "ok", "norm_act": "ok"}
-    assert summary["executor"]["executor"] == "ray" and summary["executor"]["stages"][0]["tasks"] == 4
+    assert summary["executor"]["name"] == "ray" and summary["executor"]["stages"][0]["tasks"] == 4
     for name in ("hf_bert", "mobilenet_v2_tiny", "norm_act"):
         onnx.checker.check_model(str(out / f"{name}.opt.onnx"))
         assert json.loads((out / f"{name}.report.json").read_text())["status"] == "ok"
     assert "not a valid ONNX model" in next(r["error"] for r in summary["results"] if r["name"] == "broken")
+
+
+DIGITS = ROOT / "sample_models" / "digits_cnn"
+
+
+def test_evaluation_on_two_workers_equals_one_process(cluster):
+    from optimizer.api import optimize
+    from optimizer.evaluate import evaluate
+
+    original = onnx.load(DIGITS / "model.onnx")
+    optimized = optimize(DIGITS / "model.onnx", "int8", calibration=DIGITS / "calib.npz", evaluate_accuracy=False).model
+    single = evaluate(original, optimized, DIGITS / "eval.npz", metric="top1")
+    sharded = evaluate(original, optimized, DIGITS / "eval.npz", metric="top1", executor=cluster)
+    assert cluster.stages[-1].stage == "evaluation" and cluster.stages[-1].tasks == 4
+    assert sharded.to_dict() == single.to_dict() and single.samples == 450
+
+
+def test_budget_on_ray_equals_the_in_process_run(cluster):
+    from optimizer.api import optimize
+
+    data = np.load(DIGITS / "calib.npz")
+    calibration = {"input": data["input"][:4] * 0.1}  # a poor calibration: INT8 costs accuracy
+    args = dict(data=DIGITS / "eval.npz", calibration=calibration, max_accuracy_drop=0.0)
+    local = optimize(DIGITS / "model.onnx", "default,quantize-int8(method=minmax)", **args)
+    first = len(cluster.stages)
+    remote = optimize(DIGITS / "model.onnx", "default,quantize-int8(method=minmax)", executor=cluster, **args)
+    assert local.report.budget["fallbacks"] and local.report.budget == remote.report.budget
+    assert local.model.SerializeToString() == remote.model.SerializeToString()
+    assert local.report.accuracy.to_dict() == remote.report.accuracy.to_dict()
+    stages = {s.stage for s in cluster.stages[first:]}
+    assert {"layer ranking", "budget search", "evaluation"} <= stages
+
+
+def test_bisect_on_ray_names_the_in_process_pass(cluster, tmp_path):
+    from optimizer.regression import check_regression
+
+    data = np.load(DIGITS / "calib.npz")
+    np.savez(tmp_path / "one.npz", input=data["input"][:1] * 0.05)
+    args = dict(calibration=str(tmp_path / "one.npz"), data=str(DIGITS / "eval.npz"), max_accuracy_drop=0.5, bisect=True)
+    pipeline = "cleanup,fuse-conv-bn,quantize-int8(method=minmax),cleanup"
+    local = check_regression(DIGITS / "model.onnx", pipeline, **args)
+    remote = check_regression(DIGITS / "model.onnx", pipeline, executor=cluster, **args)
+    assert local.first_bad_pass == remote.first_bad_pass == "quantize-int8(method=minmax)"
+    assert local.to_dict()["bounds"] == remote.to_dict()["bounds"]
+    assert any(s.stage == "bisect" and s.tasks == 2 for s in cluster.stages)

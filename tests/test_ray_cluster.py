@@ -10,7 +10,6 @@ import onnx
 import pytest
 
 from calibration.collect import collect_statistics
-from calibration.executor import run_settings
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]
@@ -35,8 +34,7 @@ def test_two_node_cluster_calibrates_bit_identically():
         names = [o for node in model.graph.node for o in node.output]
         calib = ROOT / "sample_models" / "transformer" / "calib.npz"
         local = collect_statistics(model, names, calib)
-        with run_settings(executor):
-            sharded = collect_statistics(model, names, calib)
+        sharded = collect_statistics(model, names, calib, executor=executor)
         assert sharded.shards == 4 and sharded.samples == local.samples
         assert list(sharded) == list(local)
         for name in local:

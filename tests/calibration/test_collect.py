@@ -19,7 +19,7 @@ from calibration.collect import (
     collect_channel_means,
     collect_statistics,
 )
-from calibration.executor import InProcessExecutor, run_settings
+from calibration.executor import InProcessExecutor
 from calibration.sources import SyntheticSource
 from optimizer.errors import InputError
 
@@ -157,9 +157,9 @@ def test_collect_statistics_is_identical_for_every_batch_size_and_sharding():
     model = mlp()
     data = np.random.default_rng(5).normal(0, 2, (45, 16)).astype(np.float32)
     results = [collect_statistics(model, ["x", "h", "r", "y"], {"x": data}, batch_size=b, num_bins=256) for b in (1, 7, 32)]
-    with run_settings(InProcessExecutor(workers=3), calib_batch_size=5) as settings:
-        sharded = collect_statistics(model, ["x", "h", "r", "y"], {"x": data}, num_bins=256)
-    assert sharded.shards == 6 and settings.executor.stages[0].tasks == 6
+    executor = InProcessExecutor(workers=3)
+    sharded = collect_statistics(model, ["x", "h", "r", "y"], {"x": data}, 5, num_bins=256, executor=executor)
+    assert sharded.shards == 6 and executor.stages[0].tasks == 6
     for stats in results[1:] + [sharded]:
         assert list(stats) == list(results[0]) and stats.samples == 45
         for name in stats:

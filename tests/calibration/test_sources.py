@@ -175,6 +175,18 @@ def test_synthetic_source_is_flagged_and_deterministic():
     assert not np.array_equal(first[0]["x"], first[1]["x"])
 
 
+def test_synthetic_samples_do_not_depend_on_the_batch_size():
+    specs = [spec("x", ("N", 3)), spec("ids", ("N",), np.int64)]
+    source = SyntheticSource(10, seed=3)
+    for name in ("x", "ids"):
+        whole = np.concatenate([b[name] for b in collect(source, specs, 10)])
+        for size in (1, 3, 7):
+            np.testing.assert_array_equal(np.concatenate([b[name] for b in collect(source, specs, size)]), whole)
+    mine = np.concatenate([b["x"] for b in collect(source, specs, 10)])
+    other = np.concatenate([b["x"] for b in collect(SyntheticSource(10, seed=4), specs, 10)])
+    assert not any(np.array_equal(o, m) for o in other for m in mine)  # seeds never share a sample, shifted or not
+
+
 def test_synthetic_dynamic_dims_default_to_one_with_a_warning():
     source = SyntheticSource(2)
     batches = collect(source, [spec("x", ("N", "C"))], 8)

@@ -96,3 +96,26 @@ def test_check_trt_reports_unsupported_nodes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "UNSUPPORTED custom (MyOp/com.example)" in out
     assert main(["check-trt", str(DIGITS / "model.onnx"), "--build", "--shapes", "input:1x1x8x8"]) == 0
+
+
+def test_bisect_in_rounds_names_the_pass_one_process_names(tmp_path, monkeypatch):
+    """Prefixes run as executor tasks, three per round: the same pass as the one-at-a-time search,
+    in fewer rounds, with the original's outputs computed once for all prefixes."""
+    from calibration.executor import InProcessExecutor
+    from optimizer import evaluate as evaluation
+    from optimizer.regression import check_regression
+
+    data = np.load(DIGITS / "calib.npz")
+    np.savez(tmp_path / "one.npz", input=data["input"][:1] * 0.05)
+    args = dict(calibration=str(tmp_path / "one.npz"), data=str(DIGITS / "eval.npz"), max_accuracy_drop=0.5, bisect=True)
+    pipeline = "cleanup,fuse-conv-bn,quantize-int8(method=minmax),cleanup"
+    one = InProcessExecutor()
+    three = InProcessExecutor(workers=3)
+    computed = []
+    real = evaluation.reference_outputs
+    monkeypatch.setattr(evaluation, "reference_outputs", lambda *a, **k: computed.append(1) or real(*a, **k))
+    results = [check_regression(DIGITS / "model.onnx", pipeline, executor=e, **args) for e in (one, three)]
+    assert [r.first_bad_pass for r in results] == ["quantize-int8(method=minmax)"] * 2
+    rounds = [[s.tasks for s in e.stages if s.stage == "bisect"] for e in (one, three)]
+    assert set(rounds[0]) == {1} and len(rounds[1]) < len(rounds[0]) and max(rounds[1]) > 1
+    assert len(computed) == 2  # once per check, not once per prefix

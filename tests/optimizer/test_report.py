@@ -14,7 +14,7 @@ from optimizer.cli import main
 DIGITS = SAMPLES / "digits_cnn"
 TOP_KEYS = {"schema", "tool_version", "status", "error", "model", "output", "pipeline", "verify", "summary",
             "passes", "accuracy", "budget", "engine", "trt_check", "warnings", "inputs", "samples", "verification",
-            "rolled_back", "torch", "precision", "time_breakdown"}
+            "rolled_back", "torch", "precision", "time_breakdown", "executor"}
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +34,9 @@ def test_json_has_the_documented_keys(reports):
     q = next(p for p in d["passes"] if p["name"] == "quantize-int8")
     assert {"tensors", "weights", "calibration", "nodes"} <= set(q["details"])
     assert d["budget"]["met"] is True
+    assert d["executor"]["name"] == "in-process" and d["executor"]["workers"] == 1
+    assert "executor" not in d["samples"]
+    assert "method selection" in {s["stage"] for s in d["executor"]["stages"]}  # auto: one task per candidate
 
 
 def test_html_is_self_contained_with_charts(reports):
@@ -48,6 +51,7 @@ def test_html_is_self_contained_with_charts(reports):
 def test_markdown_has_sections(reports):
     md = (reports / "r.md").read_text()
     assert md.startswith("# Optimization report") and "## Passes" in md and "## Accuracy budget" in md
+    assert "- executor: in-process, 1 worker(s) (" in md
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (apt-get install chromium)")
