@@ -204,6 +204,13 @@ def optimize(
     return OptimizeResult(result.model, report, plan)
 
 
+#: A pass's accuracy floor is a default nobody asked for, so its cost stays bounded: ranking layers
+#: one model each (fewer fallbacks: on the zoo's ViT 2 instead of 6) costs a quantize and a run
+#: per layer (about 1.5 s per layer on a 55 MB BERT), so above this many layers they are ranked by
+#: local SQNR instead, at no cost. An explicit --max-accuracy-drop always ranks one by one.
+FLOOR_RANK_ALONE_MAX = 48
+
+
 @dataclass(frozen=True)
 class _Budget:
     """An accuracy budget to fit: the user's ``--max-accuracy-drop``, or a pass's accuracy floor."""
@@ -234,7 +241,8 @@ def _fit_budget(budget: _Budget, original, manager, ctx, samples, plan, result, 
 
     measure = floor_metric if budget.floor_of else metric_of
     fitted = fit_budget(original, manager.steps, ctx, budget.drop, samples.evaluation, plan.shapes,
-                        result, accuracy, metric=loaded_metric, executor=executor, measure=measure)
+                        result, accuracy, metric=loaded_metric, executor=executor, measure=measure,
+                        rank_alone_max=FLOOR_RANK_ALONE_MAX if budget.floor_of else None)
     result.model, result.records = fitted.model, fitted.records
     if not static_shapes:
         restore_dynamic_dims(original, result.model)

@@ -115,10 +115,13 @@ def fit_budget(
     metric=None,
     executor=None,
     measure: Callable[[AccuracyReport], tuple[str, float, float]] | None = None,
+    rank_alone_max: int | None = None,
 ) -> BudgetResult:
     """Tune the tunable pass until the metric drop is within ``budget`` (see the module docstring);
     candidates run on ``executor`` (in-process by default). ``measure``: which figure of an
-    evaluation the budget applies to (``metric_of``, or ``floor_metric`` for a pass's accuracy floor)."""
+    evaluation the budget applies to (``metric_of``, or ``floor_metric`` for a pass's accuracy floor).
+    ``rank_alone_max``: rank layers one model each (``rank_alone``) only up to that many layers, else
+    by local SQNR (free); None: always when there are verification samples."""
     from calibration.executor import InProcessExecutor
 
     executor = executor if executor is not None else InProcessExecutor()
@@ -147,7 +150,7 @@ def fit_budget(
         candidates = Candidates(executor, original, start_model, tail[1:], ctx, dataset, shapes, metric, cache_json)
         order, noise = rank_layers(record.details)
         ranking = "local SQNR"
-        if ctx.verify_batches:
+        if ctx.verify_batches and (rank_alone_max is None or len(order) <= rank_alone_max):
             order, noise = rank_alone(tuned, record.details, ctx, candidates)
             ranking = "output SQNR with only that layer quantized"
 
