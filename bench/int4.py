@@ -1,24 +1,29 @@
 #!/usr/bin/env python
 """Benchmark INT4 weight-only quantization: ``quantize-int4`` (RTN, RTN + bias correction, AWQ) against
 ONNX Runtime's ``MatMulNBitsQuantizer`` (block 128, symmetric; its ``MatMulNBits`` contrib op and its QDQ
-form) on the zoo's transformers, on the same held-out inputs.
+form) on the zoo's five transformers, on the same held-out inputs.
 
     python bench/int4.py                                   # table on stdout
     python bench/int4.py --out bench/int4_results.md       # and written there
     python bench/int4.py --models hf_gpt2 --no-trt
 
-Data: the zoo's ``.npz`` files hold only 8 samples, so calibration uses 64 fresh samples drawn like
-the zoo builder draws them (``sample_models/zoo/build_zoo.py``: Zipf token ids, BERT sentence pairs
-with padding, normal features; the recipes are copied here, with other seeds) and the outputs are
-judged on the zoo's 8 samples plus 64 more from a third seed (72 samples none of the tools saw).
+Data: the zoo's ``.npz`` files hold only 8 samples, so calibration uses 64 fresh samples drawn as
+the zoo builder draws them (``build_zoo.transformer_inputs``: Zipf token ids, BERT sentence pairs
+with padding, photo-like 32x32 scenes for the ViT, log-mel spectrograms of speech-like audio for
+the Whisper encoder, normal features; seed 1) and the outputs are judged on the zoo's 8 samples
+plus 64 more from seed 2 (72 samples none of the tools saw).
 
-Every model is first raised to opset 21 (``upgrade-opset(min=21)``: INT4 DequantizeLinear needs it);
-that model is the FP32 reference. Ours run in process through ``PassManager`` (verification off; the
+Every model first gets what ``--int4`` runs before ``quantize-int4``: the ``default`` preset
+(the legacy exports of ``hf_vit`` and ``hf_whisper_enc`` compute their weights' transposes at run
+time until it folds them) and ``upgrade-opset(min=21)`` (INT4 DequantizeLinear needs it); that
+model is the FP32 reference. Ours run in process through ``PassManager`` (verification off; the
 time is the pass alone), ONNX Runtime's quantizer in process too. Columns: the MatMul/Gemm layers
 holding INT4 weights, the serialized model bytes and the compression against the FP32 model, the
 relative output error ``sum (y - y_ref)^2 / sum y_ref^2`` (worst output; every output in the detail
 line), the smallest output cosine, seconds, and whether TensorRT-RTX parses and builds the model
-ahead of time for SM89 (``optimizer.tensorrt_rtx.check_model``; ``--no-trt`` skips it).
+ahead of time for SM89 (``optimizer.tensorrt_rtx.check_model``; ``--no-trt`` skips it), and for
+AWQ the output check's verdict (the worst output's SQNR of the searched alphas and of alpha 0 on
+the first 32 calibration samples, and which the pass kept; ``no output check`` skips it).
 
 ``ours (ORT's layers)`` quantizes exactly the layers ORT's quantizer does (it handles MatMul only, so
 the Gemms of ``hf_gpt2`` and ``transformer_mha`` stay float there): a like-for-like comparison of the
@@ -46,11 +51,12 @@ from optimizer import PassContext, PassManager  # noqa: E402
 from optimizer.runtime import OrtRunner  # noqa: E402
 
 ZOO = ROOT / "sample_models" / "zoo"
-MODELS = ["hf_bert", "hf_gpt2", "transformer_mha"]
+MODELS = ["hf_bert", "hf_gpt2", "hf_vit", "hf_whisper_enc", "transformer_mha"]
 OURS = {
     "ours rtn (no data)": "method=rtn,bias_correction=false",
     "ours rtn + bias corr.": "method=rtn",
     "ours awq, no bias corr.": "bias_correction=false",
+    "ours awq, no output check": "output_check=false",
     "ours awq (default)": "",
     "ours awq + embeddings": "embeddings=true",
 }
@@ -68,15 +74,7 @@ def _zoo_builder():
 
 
 def samples(name, n, seed):
-    rng = np.random.default_rng(seed)
-    zoo = _zoo_builder()
-    if name == "hf_bert":
-        return zoo.bert_rows(rng, n)
-    if name == "hf_gpt2":
-        feeds = {"input_ids": zoo.zipf_ids(rng, (n, 16), 2, 100)}
-        feeds["input_ids"][::4, 0] = 1
-        return feeds
-    return {"features": rng.normal(size=(n, 10, 12)).astype(np.float32)}
+    return _zoo_builder().transformer_inputs(name, np.random.default_rng(seed), n)
 
 
 # -- measuring --------------------------------------------------------------------------------
@@ -134,19 +132,29 @@ def ort_nbits(model: onnx.ModelProto, qdq: bool) -> onnx.ModelProto:
     return out
 
 
+def check_note(details: dict) -> str:
+    """The AWQ output check's verdict: ``searched 21.3 / alpha 0 24.0 dB -> alpha 0`` (worst output's SQNR)."""
+    check = details.get("output_check")
+    if not check:
+        return ""
+    db = check["output_sqnr_db"]
+    return f"searched {db['searched']:.1f} / alpha 0 {db['alpha_0']:.1f} dB -> {check['kept'].replace('_', ' ')}"
+
+
 def bench_model(name: str, trt: bool) -> list[dict]:
     original = onnx.load(str(ZOO / f"{name}.onnx"))
-    fp32 = PassManager("upgrade-opset(min=21)").run(original).model
+    fp32 = PassManager("default,upgrade-opset(min=21)").run(original).model
     calib = samples(name, 64, 1)
     zoo_npz = dict(np.load(ZOO / f"{name}.npz"))
     extra = samples(name, 64, 2)
     held = {k: np.concatenate([zoo_npz[k], extra[k]]) for k in zoo_npz}
-    rows = [{"model": name, "tool": "fp32 (opset 21)", "model_obj": fp32, "time": 0.0}]
+    rows = [{"model": name, "tool": "fp32 (default preset, opset 21)", "model_obj": fp32, "time": 0.0}]
     for label, opts in OURS.items():
         spec = "quantize-int4(min_weight_elements=0" + (f",{opts}" if opts else "") + ")"
         start = time.perf_counter()
         run = PassManager(spec, verify="off").run(fp32, PassContext(calibration=calib))
-        rows.append({"model": name, "tool": label, "model_obj": run.model, "time": time.perf_counter() - start, "spec": spec})
+        rows.append({"model": name, "tool": label, "model_obj": run.model, "time": time.perf_counter() - start, "spec": spec,
+                     "check": check_note(run.records[-1].details)})
     for label, qdq in (("ORT MatMulNBits (block 128, sym)", False), ("ORT MatMulNBits, QDQ form", True)):
         start = time.perf_counter()
         try:
@@ -163,7 +171,7 @@ def bench_model(name: str, trt: bool) -> list[dict]:
         start = time.perf_counter()
         run = PassManager(spec, verify="off").run(fp32, PassContext(calibration=calib))
         rows.append({"model": name, "tool": "ours awq (ORT's layers)", "model_obj": run.model,
-                     "time": time.perf_counter() - start, "spec": spec})
+                     "time": time.perf_counter() - start, "spec": spec, "check": check_note(run.records[-1].details)})
     base_bytes = fp32.ByteSize()
     for row in rows:
         model = row.pop("model_obj", None)
@@ -177,14 +185,15 @@ def bench_model(name: str, trt: bool) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | tool | INT4 layers | bytes | compression | rel. error (worst output) | min cosine | s | TensorRT-RTX |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| model | tool | INT4 layers | bytes | compression | rel. error (worst output) | min cosine | s | TensorRT-RTX "
+             "| AWQ output check (calibration samples) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         if "failed" in r:
-            lines.append(f"| {r['model']} | {r['tool']} | failed: {r['failed']} | | | | | | |")
+            lines.append(f"| {r['model']} | {r['tool']} | failed: {r['failed']} | | | | | | | |")
             continue
         lines.append(f"| {r['model']} | {r['tool']} | {r['layers']} | {r['bytes']:,} | {r['compression']:.2f}x | "
-                     f"{r['rel_err']:.3e} | {r['cosine']:.6f} | {r['time']:.2f} | {r['trt']} |")
+                     f"{r['rel_err']:.3e} | {r['cosine']:.6f} | {r['time']:.2f} | {r['trt']} | {r.get('check', '')} |")
     lines.append("")
     lines.append("Per-output relative errors:")
     lines.append("")

@@ -35,11 +35,13 @@ PRESETS: dict[str, str] = {
 #: weights need opset 13, FP8 Q/DQ opset 19 (a no-op on newer models).
 PRECISION_STEPS = {
     # smooth-quant is lossless and acts only where a LayerNorm or a MatMul feeds MatMuls (transformers):
-    # it raised INT8's output SQNR on every zoo transformer (+1.1 to +7.0 dB)
+    # it raised INT8's output SQNR on every zoo transformer (held-out: +1.0 to +7.3 dB)
     "int8": "upgrade-opset(min=13),smooth-quant,quantize-int8",
     # smooth-quant before FP8 too: on the outlier-channel zoo transformers it raised FP8's cosine
-    # (hf_gpt2 0.9979 -> 0.9985, hf_vit 0.9974 -> 0.9978, hf_whisper_enc 0.9960 -> 0.9968)
-    "fp8": "upgrade-opset(min=19),smooth-quant,quantize-fp8",
+    # (hf_gpt2 0.9979 -> 0.9985, hf_vit 0.9974 -> 0.9978, hf_whisper_enc 0.9960 -> 0.9968); only where
+    # an activation has outlier channels: smoothing flat ones cost FP8 1.0 dB SQNR on transformer_mha
+    # and 0.7 dB on hf_vit (held-out; INT8 gains there, see the pass's docstring)
+    "fp8": "upgrade-opset(min=19),smooth-quant(min_outlier_ratio=4),quantize-fp8",
     "int4": "upgrade-opset(min=21),quantize-int4",
     "fp16": "convert-fp16",
     # Conv and pooling take bfloat16 from opset 22 (MatMul/Gemm from 13): upgrade so CNNs convert too

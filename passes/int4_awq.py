@@ -6,6 +6,8 @@ a weight), the activations' per-channel mean |x| (m) and a bounded, deterministi
 X are collected on the calibration data (``calibration.channel_stats``, streamed); for alpha in
 0, 0.1 ... 1, s = m^alpha normalized by sqrt(max(s) * min(s)), and the error is
 ``sum ||X W - (X / s) Q(diag(s) W)||^2`` over the group's layers. The alpha with the smallest error wins (alpha 0 -- round to nearest -- on ties).
+``check_alphas`` then compares, end to end on calibration samples, the model with the searched
+alphas against the model with alpha 0 everywhere, and the pass keeps the better one.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
 #: Calibration samples the statistics are taken over, and rows kept per activation for the search.
 AWQ_SAMPLES = 128
 AWQ_ROWS = 512
+#: Calibration samples the searched alphas are checked on end to end (``check_alphas``).
+CHECK_SAMPLES = 32
 #: Channels whose mean |x| is below this fraction of the largest are treated as having it
 #: (a dead channel would otherwise get s = 0 and an infinite 1/s).
 MIN_RELATIVE_MAGNITUDE = 1e-4
@@ -182,6 +186,43 @@ def search_group(group: Group, stats: dict) -> None:
     group.search = {"layers": nodes, "inputs": inputs, "alpha": best, "sample_rows": int(sum(x.shape[0] for x, _ in pairs)),
                     "sample_sqnr_db_rtn": db(errors[0.0]), "sample_sqnr_db": db(errors[best]),
                     "relative_error": {str(a): round(errors[a] / signal, 6) if signal > 0 else None for a in ALPHAS}}
+
+
+def check_alphas(graph: gs.Graph, candidates: dict, ctx: PassContext) -> dict:
+    """Which of ``candidates`` (``{label: () -> the quantized gs.Graph}``, ``"searched"`` first and
+    ``"alpha_0"``) has the least output error against ``graph`` on the first ``CHECK_SAMPLES``
+    calibration samples: the worst output's SQNR decides, ``"searched"`` only when strictly
+    higher. The per-layer search cannot see how the model weighs its layers' output channels (in a
+    transformer with outlier channels a few residual channels carry most of the output, see
+    ``quantize-int4``'s docstring); this check does. The candidates' runs are tasks of the run's
+    executor (in-process by default)."""
+    from calibration.executor import current_settings
+    from calibration.sources import batch_len
+    from optimizer.metrics import compare_batches
+    from optimizer.runtime import OrtRunner, input_specs
+    from passes.quant_search import candidate_outputs
+
+    reference_model = _graph_model(graph)
+    source = _source_for(reference_model, ctx, ctx.calibration)
+    batches, samples = [], 0
+    for batch in source.batches(ctx.original_inputs or input_specs(reference_model), 8):
+        batches.append(batch)
+        samples += batch_len(batch)
+        if samples >= CHECK_SAMPLES:
+            break
+    runner = OrtRunner(reference_model)
+    reference = [runner.run(b) for b in batches]
+    executor = current_settings().executor
+    batches_ref = executor.share(batches)
+    items = [(executor.share(_graph_model(build()).SerializeToString()), batches_ref, {}) for build in candidates.values()]
+    sqnr = {}
+    for label, (outputs, _) in zip(candidates, executor.map(candidate_outputs, items, stage="awq output check")):
+        values = [m.sqnr_db for m in compare_batches(reference, outputs) if m.sqnr_db is not None]
+        sqnr[label] = round(min(values), 3) if values else None
+    searched, fallback = sqnr.get("searched"), sqnr.get("alpha_0")
+    # no float output to judge (both None): the search's result stands
+    kept = "alpha_0" if fallback is not None and (searched is None or fallback >= searched) else "searched"
+    return {"samples": samples, "output_sqnr_db": sqnr, "kept": kept}
 
 
 def collect_group_stats(graph: gs.Graph, groups: list[Group], ctx: PassContext, means: bool) -> tuple[dict | None, dict]:

@@ -28,6 +28,7 @@ from optimizer.pass_base import Pass, PassContext, PassResult, Tolerance, regist
 from passes.graph_utils import constant_values, is_default_domain, is_graph_output, unique_name
 from passes.bias_correction import apply_bias_correction, bias_shift
 from passes.int4_awq import (
+    check_alphas,
     collect_group_stats,
     dequantize_blocks,
     input_row_weights,
@@ -272,6 +273,44 @@ def quantize_embedding(graph: gs.Graph, emb: Embedding) -> dict:
     return quantize_weight_tensor(graph, emb.table, emb.nodes, 1, emb.block)[0]
 
 
+def rewrite_layers(graph: gs.Graph, groups: list, means: dict, details: dict, skipped: dict) -> dict[str, int]:
+    """Apply every group's 1/s to its activations, quantize its weights (``details["weights"]``,
+    ``["layers"]``, ``["groups"]`` filled) and, for the inputs in ``means``, fold the output mean
+    shift into the biases. Returns the counts for the pass's stats."""
+    counts = {"awq_folded_scales": 0, "awq_scaled_inputs": 0}
+    applied: dict[str, str] = {}
+    prescaled: set[int] = set()
+    for group in groups:  # every activation first: a fold may edit a producer layer's weight
+        if group.scales is not None:
+            how, scaled = apply_group_scales(graph, group.inputs(), group.scales)
+            applied.update(how)
+            prescaled |= {id(group)} if scaled else set()
+            for value in how.values():
+                counts["awq_folded_scales" if value.startswith("folded:") else "awq_scaled_inputs"] += 1
+    corrections = []
+    for group in groups:
+        for weight, readers in group.weights():
+            info, given, restored = quantize_weight_tensor(graph, weight, [r.node for r in readers], readers[0].k_axis,
+                                                           readers[0].block, group.scales, id(group) in prescaled,
+                                                           group.mean_abs)
+            details["weights"][weight.name] = info
+            for r in (r for r in readers if r.source.name in means):  # the mean of what the layer now reads
+                mean = means[r.source.name] / (group.scales if group.scales is not None else 1.0)
+                corrections.append((r.node, bias_shift(r.node.op, given, restored, mean, r.node.attrs)))
+        for layer in group.layers:
+            details["layers"][layer.node.name] = {
+                "op": layer.node.op, "weight": layer.weight.name, "activations": [],
+                "block_size": layer.block, "method": group.method, "alpha": group.alpha,
+                "scale_applied": applied.get(layer.source.name),
+                "weight_sqnr_db": details["weights"][layer.weight.name]["sqnr_db"],
+            }
+        if group.search:
+            details["groups"].append(group.search)
+    if corrections:
+        counts["bias_corrected"] = apply_bias_correction(graph, corrections, skipped)
+    return counts
+
+
 # -- the pass ---------------------------------------------------------------------------------
 
 
@@ -305,6 +344,17 @@ class QuantizeInt4(Pass):
       constant Mul; through Reshape/Transpose: ``passes/scale_folding.py``), else applied by one
       ``Mul`` per input tensor. Without calibration data (or on synthetic data) AWQ falls back to
       RTN and the details say so. ``rtn``: round to nearest.
+    - **Output check** (``awq``): the model with the searched alphas and the model with alpha 0
+      everywhere (both with the activation-weighted clip and, when on, bias correction) run on the
+      first 32 calibration samples; the searched alphas are kept only if the worst output's SQNR
+      is higher, else every group is reset to alpha 0 (``awq_reset_by_output_check`` groups). Why:
+      the per-layer error weighs all of a layer's output channels alike, while a transformer with
+      outlier channels (LayerNorm gains of 20 on 2 of 64 channels, as trained models have) carries
+      most of its output in those residual channels (96 % of the zoo Whisper encoder's output
+      energy). There the searched scales lowered every layer's sample error yet raised the output
+      error 1.2-3x (zoo Whisper encoder and ViT, without bias correction); the check sees it.
+      The worst output decides, as verification checks every output. ``output_check=false``: the
+      searched alphas as they are (the plain AWQ search).
     - ``bias_correction`` (true): with calibration data, each layer's output mean shift
       ``E[x] (W - Q(W))`` is added to its bias (Gemm's C, or the constant Add after a MatMul;
       ``passes/bias_correction.py``). Measured on the zoo's transformers it helps RTN and AWQ
@@ -322,7 +372,9 @@ class QuantizeInt4(Pass):
 
     Details: per layer the weight, block size, method, alpha, how 1/s was applied and the weight
     SQNR (of the effective weight ``Q(diag(s) W) / s`` against W); per AWQ group the sample SQNR
-    of RTN and of the chosen alpha. Verification: lossy, cosine >= 0.98 with the original.
+    of RTN and of the searched alpha (``searched_alpha`` when the output check reset it); the
+    output check's samples, both candidates' output SQNR and which was kept. Verification: lossy,
+    cosine >= 0.98 with the original.
     """
 
     name = "quantize-int4"
@@ -338,6 +390,7 @@ class QuantizeInt4(Pass):
     exclude: list[str] = field(default_factory=list)
     embeddings: bool = False
     bias_correction: bool = True
+    output_check: bool = True
 
     def __post_init__(self):
         if self.block_size not in BLOCK_CHOICES:
@@ -346,6 +399,29 @@ class QuantizeInt4(Pass):
             raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
         if not isinstance(self.min_weight_elements, int) or self.min_weight_elements < 0:
             raise ValueError(f"min_weight_elements must be an integer >= 0; got {self.min_weight_elements!r}")
+
+    def _output_check(self, graph: gs.Graph, groups: list, means: dict, ctx: PassContext) -> dict:
+        """The searched alphas against alpha 0 everywhere, end to end (``int4_awq.check_alphas``); on
+        a loss, the groups are reset to alpha 0 (the activation-weighted clip and bias correction stay)."""
+
+        def candidate(searched: bool) -> gs.Graph:
+            copy = graph.copy()  # shares the weights' arrays: the rewrite assigns new ones, never edits them
+            twins = plan_groups(find_layers(copy, self.block_size, self.min_weight_elements, set(self.exclude), {}))
+            for twin, group in zip(twins, groups, strict=True):
+                assert [t.node.name for t in twin.layers] == [g.node.name for g in group.layers], "layers differ in the copy"
+                twin.method, twin.mean_abs = group.method, group.mean_abs
+                twin.alpha, twin.scales = (group.alpha, group.scales) if searched else (0.0, None)
+            rewrite_layers(copy, twins, means, {"weights": {}, "layers": {}, "groups": []}, {})
+            return copy.cleanup().toposort()
+
+        verdict = check_alphas(graph, {"searched": lambda: candidate(True), "alpha_0": lambda: candidate(False)}, ctx)
+        verdict["groups_reset"] = 0
+        if verdict["kept"] == "alpha_0":
+            for group in (g for g in groups if g.scales is not None):
+                group.search["searched_alpha"], group.search["alpha"] = group.alpha, 0.0
+                group.alpha, group.scales = 0.0, None
+                verdict["groups_reset"] += 1
+        return verdict
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         opset = default_opset(graph) or ctx.opset or 0
@@ -371,37 +447,12 @@ class QuantizeInt4(Pass):
         if stats is not None and self.method == "awq":
             for group in groups:
                 search_group(group, stats)
-        counts = {"awq_folded_scales": 0, "awq_scaled_inputs": 0}
-        applied: dict[str, str] = {}
-        prescaled: set[int] = set()
-        for group in groups:  # every activation first: a fold may edit a producer layer's weight
-            if group.scales is not None:
-                how, scaled = apply_group_scales(graph, group.inputs(), group.scales)
-                applied.update(how)
-                prescaled |= {id(group)} if scaled else set()
-                for value in how.values():
-                    counts["awq_folded_scales" if value.startswith("folded:") else "awq_scaled_inputs"] += 1
-        corrections = []
-        for group in groups:
-            for weight, readers in group.weights():
-                info, given, restored = quantize_weight_tensor(graph, weight, [r.node for r in readers], readers[0].k_axis,
-                                                               readers[0].block, group.scales, id(group) in prescaled,
-                                                               group.mean_abs)
-                details["weights"][weight.name] = info
-                for r in (r for r in readers if r.source.name in means):  # the mean of what the layer now reads
-                    mean = means[r.source.name] / (group.scales if group.scales is not None else 1.0)
-                    corrections.append((r.node, bias_shift(r.node.op, given, restored, mean, r.node.attrs)))
-            for layer in group.layers:
-                details["layers"][layer.node.name] = {
-                    "op": layer.node.op, "weight": layer.weight.name, "activations": [],
-                    "block_size": layer.block, "method": group.method, "alpha": group.alpha,
-                    "scale_applied": applied.get(layer.source.name),
-                    "weight_sqnr_db": details["weights"][layer.weight.name]["sqnr_db"],
-                }
-            if group.search:
-                details["groups"].append(group.search)
-        if corrections:
-            counts["bias_corrected"] = apply_bias_correction(graph, corrections, skipped)
+        reset = 0
+        if self.output_check and any(group.scales is not None for group in groups):
+            details["output_check"] = self._output_check(graph, groups, means, ctx)
+            reset = details["output_check"]["groups_reset"]
+        counts = rewrite_layers(graph, groups, means, details, skipped)
+        counts["awq_reset_by_output_check"] = reset
         for emb in embeddings:
             details["embeddings"][emb.table.name] = {**quantize_embedding(graph, emb), "nodes": [n.name for n in emb.nodes]}
         result_stats = {

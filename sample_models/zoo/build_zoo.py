@@ -483,8 +483,7 @@ def build_transformer(name="transformer_mha", opset=18):
         for m in model.modules():
             if isinstance(m, nn.LayerNorm):
                 m.weight.uniform_(0.5, 1.5); m.bias.uniform_(-0.2, 0.2)
-    rng = np.random.default_rng(8)
-    feeds = {"features": rng.normal(size=(SAMPLES, 10, 12)).astype(np.float32)}
+    feeds = transformer_inputs(name, np.random.default_rng(8), SAMPLES)
     path = HERE / f"{name}.onnx"
     batch = torch.export.Dim("batch", min=1, max=64)
     seq = torch.export.Dim("seq", min=2, max=128)
@@ -1364,7 +1363,7 @@ def build_hf_bert(name="hf_bert", opset=18):
                         intermediate_size=64, max_position_embeddings=64, type_vocab_size=2, pad_token_id=0)
     names = ["input_ids", "attention_mask", "token_type_ids"]
     model = BertFeatures(perturb_hf(BertModel(config, add_pooling_layer=False))).eval()
-    feeds = bert_rows(np.random.default_rng(17), SAMPLES)
+    feeds = transformer_inputs(name, np.random.default_rng(17), SAMPLES)
     path = HERE / f"{name}.onnx"
     export_hf(model, tuple(torch.from_numpy(feeds[k][:2]) for k in names), path, opset, names, ["last_hidden_state"])
     return name, model, path, feeds, f"transformers BertModel, dynamo, opset {opset}"
@@ -1377,8 +1376,7 @@ def build_hf_gpt2(name="hf_gpt2", opset=18):
     config = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_inner=64, n_positions=64,
                         bos_token_id=1, eos_token_id=1, use_cache=False)
     model = GPT2Logits(perturb_hf(GPT2LMHeadModel(config))).eval()
-    feeds = {"input_ids": zipf_ids(np.random.default_rng(18), (SAMPLES, 16), 2, 100)}
-    feeds["input_ids"][::4, 0] = 1  # some documents start with <|endoftext|>
+    feeds = transformer_inputs(name, np.random.default_rng(18), SAMPLES)
     path = HERE / f"{name}.onnx"
     export_hf(model, (torch.from_numpy(feeds["input_ids"][:2]),), path, opset, ["input_ids"], ["logits"])
     return name, model, path, feeds, f"transformers GPT2LMHeadModel (use_cache=False), dynamo, opset {opset}"
@@ -1435,7 +1433,7 @@ def build_hf_vit(name="hf_vit", opset=17):
     config = ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=64, num_hidden_layers=2,
                        num_attention_heads=4, intermediate_size=48, num_labels=10)
     model = ViTLogits(perturb_hf(ViTForImageClassification(config))).eval()
-    feeds = {"pixel_values": scene_batch(np.random.default_rng(19), SAMPLES, 32, 32)}
+    feeds = transformer_inputs(name, np.random.default_rng(19), SAMPLES)
     path = HERE / f"{name}.onnx"
     export_legacy(model, (torch.from_numpy(feeds["pixel_values"][:2]),), path, opset, ["pixel_values"], ["logits"],
                   {"pixel_values": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}})
@@ -1461,13 +1459,37 @@ def build_hf_whisper_enc(name="hf_whisper_enc", opset=17):
                 gain = 2.0 if isinstance(mod, nn.Conv1d) else 1.0
                 nn.init.normal_(mod.weight, 0, gain * mod.weight[0].numel() ** -0.5)
     model = WhisperEncoderFeatures(encoder).eval()
-    frames = 2 * config.max_source_positions  # 100 frames = 1 s of 16 kHz audio at hop 160
-    audio = speech_like(np.random.default_rng(20), SAMPLES, frames * 160)
-    feeds = {"input_features": whisper_log_mel(audio, config.num_mel_bins)}
+    assert 2 * config.max_source_positions == WHISPER_FRAMES and config.num_mel_bins == WHISPER_MELS
+    feeds = transformer_inputs(name, np.random.default_rng(20), SAMPLES)
     path = HERE / f"{name}.onnx"
     export_legacy(model, (torch.from_numpy(feeds["input_features"][:2]),), path, opset, ["input_features"],
                   ["last_hidden_state"], {"input_features": {0: "batch"}, "last_hidden_state": {0: "batch"}})
     return name, model, path, feeds, f"transformers WhisperEncoder, legacy, opset {opset}"
+
+
+# --------------------------------------------------------------------------- the transformers' inputs
+#: hf_whisper_enc's input: 100 frames (= 2 x max_source_positions: 1 s of 16 kHz audio at hop 160) of 16 mel bins.
+WHISPER_FRAMES = 100
+WHISPER_MELS = 16
+TRANSFORMERS = ("hf_bert", "hf_gpt2", "hf_vit", "hf_whisper_enc", "transformer_mha")
+
+
+def transformer_inputs(name: str, rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    """``n`` inputs for one of the zoo's ``TRANSFORMERS``, drawn as its builder draws its ``.npz``
+    (the builders call this with their seed; benchmarks and tests with other seeds)."""
+    if name == "hf_bert":
+        return bert_rows(rng, n)
+    if name == "hf_gpt2":
+        ids = zipf_ids(rng, (n, 16), 2, 100)
+        ids[::4, 0] = 1  # some documents start with <|endoftext|>
+        return {"input_ids": ids}
+    if name == "hf_vit":
+        return {"pixel_values": scene_batch(rng, n, 32, 32)}
+    if name == "hf_whisper_enc":
+        return {"input_features": whisper_log_mel(speech_like(rng, n, WHISPER_FRAMES * 160), WHISPER_MELS)}
+    if name == "transformer_mha":
+        return {"features": rng.normal(size=(n, 10, 12)).astype(np.float32)}
+    raise ValueError(f"no input recipe for {name!r}; known: {', '.join(TRANSFORMERS)}")
 
 
 # --------------------------------------------------------------------------- main

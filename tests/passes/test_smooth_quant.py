@@ -200,10 +200,29 @@ def test_chained_groups_are_balanced_after_one_run():
     assert not again.changed and again.stats["skipped_already_balanced"] == 2
 
 
-def test_flat_activations_are_left_alone_by_default():
-    """The outlier gate: an activation without outlier channels has nothing to migrate."""
-    model = onnx.load(str(ZOO / "transformer_mha.onnx"))  # random init: per-channel maxima within 2x
-    _, record = smooth(model, "fuse-layernorm,default,smooth-quant", data=str(ZOO / "transformer_mha.npz"))
-    assert not record.changed and record.stats.get("skipped_no_outlier_channels", 0) > 0, record.stats
-    _, forced = smooth(model, "fuse-layernorm,default,smooth-quant(min_outlier_ratio=0)", data=str(ZOO / "transformer_mha.npz"))
-    assert forced.changed
+def _int8_sqnr(model, pipeline, calibration, feeds):
+    from optimizer import optimize
+    from optimizer.runtime import OrtRunner
+
+    out = optimize(model, pipeline, data=feeds, calibration=calibration, evaluate_accuracy=False).model
+    ref, got = OrtRunner(model).run(feeds)["logits"].astype(np.float64), OrtRunner(out).run(feeds)["logits"]
+    return 10 * np.log10(np.sum(ref**2) / np.sum((got - ref) ** 2))
+
+
+def test_flat_activations_are_smoothed_by_default_and_int8_gains():
+    """No outlier gate by default (the rule in the pass's docstring): on transformer_mha (per-channel
+    maxima within 2.2x of the median) smoothing every site raises per-tensor INT8's output SQNR on
+    held-out samples (a little: +0.3 dB here); ``min_outlier_ratio=4`` (what --fp8 runs) leaves
+    those activations alone."""
+    model = onnx.load(str(ZOO / "transformer_mha.onnx"))
+    _, gated = smooth(model, "fuse-layernorm,default,smooth-quant(min_outlier_ratio=4)", data=str(ZOO / "transformer_mha.npz"))
+    assert not gated.changed and gated.stats["skipped_no_outlier_channels"] == 4, gated.stats
+    _, default = smooth(model, "fuse-layernorm,default,smooth-quant", data=str(ZOO / "transformer_mha.npz"))
+    assert default.stats["smoothed_sites"] == 4 and "skipped_no_outlier_channels" not in default.stats
+    assert max(site["activation_ratio_before"] for site in default.details["sites"]) < 4
+    rng = np.random.default_rng(7)
+    calibration, held = ({"features": rng.normal(size=(64, 10, 12)).astype(np.float32)} for _ in range(2))
+    quant = "upgrade-opset(min=13),quantize-int8(method=minmax,bias_correction=off)"
+    alone = _int8_sqnr(model, f"default,{quant}", calibration, held)
+    smoothed = _int8_sqnr(model, f"default,smooth-quant,{quant}", calibration, held)
+    assert smoothed > alone + 0.1, (smoothed, alone)  # dB
