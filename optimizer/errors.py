@@ -26,7 +26,7 @@ class PipelineError(OptimizerError):
 
 
 class PassError(OptimizerError):
-    """A pass raised, or produced an invalid model (exit code 1).
+    r"""A pass raised, or produced an invalid model (exit code 1).
 
     ``pass_name`` names the failing pass and ``passes_before`` the passes that ran before it;
     ``records`` are the ``PassRecord``\ s of the passes run so far, the failing one last.

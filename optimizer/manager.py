@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 
 from optimizer.errors import PassError, VerificationError
 from optimizer.events import Hook, PassEvent, PassRecord, StageTimes  # noqa: F401  (Hook, PassRecord: public here too)
-from optimizer.graph import graph_to_model, import_graph
+from optimizer.graph import graph_to_model, import_graph, metadata_props
 from optimizer.pass_base import EXACT, Pass, PassContext, PassResult
 from optimizer.stats import ModelStats
 from optimizer.pipeline import FixedPoint, Step, coerce_pipeline, format_pipeline
@@ -165,6 +165,7 @@ class PassManager:
             from optimizer.runtime import io_adapter
 
             ctx.feed_adapter = io_adapter(self._original, state.model)[0]
+            ctx.model_metadata = metadata_props(state.model)
             if skip:  # no graph import: the pass could not match anything in this model
                 graph, result = None, PassResult(False)
             else:
@@ -182,7 +183,7 @@ class PassManager:
                 with self.stages.measure("cleanup"):
                     graph.cleanup(remove_unused_graph_inputs=False).toposort()
                 with self.stages.measure("export"):
-                    event.after = graph_to_model(graph, state.model)
+                    event.after = graph_to_model(graph, state.model, result.metadata)
             for hook in self.hooks:
                 hook.after_pass(event)
         except Exception as exc:
@@ -222,7 +223,7 @@ class PassManager:
             if not self._shared_steps(group, shared, state, ctx, iteration=0):
                 return False
             with self.stages.measure("export"):
-                model = graph_to_model(shared.graph, start_model)
+                model = graph_to_model(shared.graph, start_model, shared.metadata)
             self._verify_group(model, state.records[first_record:])
         except Exception as exc:  # a pass raised, or the group's model fails: find the pass
             changed = [r.spec for r in state.records[first_record:] if r.changed]
@@ -266,6 +267,7 @@ class PassManager:
             result = PassResult(False)
         else:
             graph = shared.graph
+            ctx.model_metadata = dict(shared.metadata)
             with self.stages.measure("passes"):
                 result = p.run(graph, ctx)
         if not isinstance(result, PassResult):
@@ -277,6 +279,7 @@ class PassManager:
             with self.stages.measure("cleanup"):
                 shared.graph.cleanup(remove_unused_graph_inputs=False).toposort()
             shared.touch()
+            shared.metadata.update(result.metadata)
             record.after = shared.stats()
             record.verification = "pending"  # set once the group's model is checked
         else:
@@ -330,6 +333,7 @@ class _SharedGraph:
         self._base_weights: tuple[int, int, int] | None = None
         self.version = 0  # bumped on every change
         self.idle: dict[int, int] = {}  # id(pass) -> the version it last ran on without a change
+        self.metadata = metadata_props(model)  # updated by the group's passes' PassResult.metadata
 
     @property
     def graph(self) -> gs.Graph:

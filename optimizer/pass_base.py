@@ -50,12 +50,15 @@ EXACT = Tolerance(noise_multiple=10.0, ceiling_rel=1e-3)
 
 @dataclass
 class PassResult:
-    """What a pass did: whether it changed the graph, counts for the report, and optional
-    structured ``details`` (JSON-serializable: per-tensor ranges, per-layer sensitivity ...)."""
+    """What a pass did: whether it changed the graph, counts for the report, optional structured
+    ``details`` (JSON-serializable: per-tensor ranges, per-layer sensitivity ...), and ``metadata``:
+    entries for the exported model's ``metadata_props`` (a graph has none), which the manager writes
+    when it accepts the change and shows later passes in ``PassContext.model_metadata``."""
 
     changed: bool
     stats: dict[str, int | float] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -86,6 +89,9 @@ class PassContext:
     feed_adapter: Callable[[dict], dict] | None = None
     #: The user's task metric ``f(outputs, reference, labels) -> points`` (``--metric``), or None.
     metric: Callable[..., float] | None = None
+    #: Set by the manager before each pass: the model's ``metadata_props`` as that pass sees them
+    #: (the input model's, updated by the ``PassResult.metadata`` of the passes before it).
+    model_metadata: dict[str, str] = field(default_factory=dict)
 
     def progress_bar(self, description: str, total: int | None = None) -> Callable[..., None]:
         """A progress callback; a no-op when nobody listens."""

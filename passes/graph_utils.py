@@ -8,7 +8,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 # The passes' toolkit re-exports the kernel's graph <-> model helpers: pass authors find them here.
-from optimizer.graph import graph_to_model, import_graph, model_metadata, set_model_metadata  # noqa: F401
+from optimizer.graph import graph_to_model, import_graph  # noqa: F401
 
 #: Nodes that must never be folded, merged or removed by general-purpose passes.
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})

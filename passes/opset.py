@@ -133,9 +133,7 @@ def _keep_value_info(original: onnx.ModelProto, converted: onnx.ModelProto) -> N
 def replace_graph(graph: gs.Graph, new: gs.Graph) -> None:
     """Make ``graph`` (the object the manager holds) the converted ``new`` one, in place: nodes,
     inputs, outputs, opset, domain imports, model-local functions and every other attribute
-    graphsurgeon keeps, so that ``gs.export_onnx(graph)`` writes the new opset. Metadata requested
-    by earlier code on ``graph`` is kept; caches of tensor names are dropped."""
-    keep = {k: v for k, v in graph.__dict__.items() if k == "_model_metadata"}
+    graphsurgeon keeps, so that ``gs.export_onnx(graph)`` writes the new opset. Caches of tensor
+    names are dropped."""
     graph.__dict__.pop("_unique_names_cache", None)
     graph.__dict__.update(new.__dict__)
-    graph.__dict__.update(keep)

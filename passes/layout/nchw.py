@@ -86,7 +86,7 @@ class LayoutNCHW(Pass):
         if analysis.gain + merged <= 0:
             stats["transposes_after"] = before
             return PassResult(changed=False, stats=stats)
-        counts, details = commit(analyzer, analysis)
+        counts, details, metadata = commit(analyzer, analysis)
         stats.update(counts)
         after = layout.count_transposes()
         stats["transposes_after"] = after
@@ -94,4 +94,4 @@ class LayoutNCHW(Pass):
             log.warning("layout-nchw: the rewrite did not lower the Transpose count (%d -> %d); discarded", before, after)
             stats["transposes_after"] = before
             return PassResult(changed=False, stats=stats)
-        return PassResult(changed=True, stats=stats, details=details)
+        return PassResult(changed=True, stats=stats, details=details, metadata=metadata)

@@ -25,8 +25,6 @@ from passes.graph_utils import (
     constant_values,
     count_macs,
     infer_tensor_types,
-    model_metadata,
-    set_model_metadata,
 )
 from passes.pruning.common import UNBOUNDED
 from passes.pruning.edits import apply_edits, fold_constants, fold_into_bias, weight_values
@@ -36,7 +34,7 @@ from passes.pruning.sparsity import is_2to4
 
 log = logging.getLogger(__name__)
 
-#: Model metadata key (``set_model_metadata``).
+#: Model metadata key (``PassResult.metadata``).
 PRUNING_KEY = "pruning.channels"
 
 
@@ -73,9 +71,10 @@ def _shapes(types: dict) -> dict[str, tuple]:
 _RECORD_LINE = re.compile(rf"^{re.escape(PRUNING_KEY)}: (\{{.*\}})$", re.MULTILINE)
 
 
-def read_pruning_record(graph: gs.Graph) -> dict[str, int]:
-    """Original channel counts of the groups already pruned, by producer layer name."""
-    text = model_metadata(graph).get(PRUNING_KEY)
+def read_pruning_record(graph: gs.Graph, metadata: dict[str, str] | None = None) -> dict[str, int]:
+    """Original channel counts of the groups already pruned, by producer layer name: from the
+    model's ``metadata`` (``PassContext.model_metadata``), else the graph's doc string."""
+    text = (metadata or {}).get(PRUNING_KEY)
     if text is None:
         match = _RECORD_LINE.search(graph.doc_string or "")
         text = match.group(1) if match else None
@@ -86,13 +85,14 @@ def read_pruning_record(graph: gs.Graph) -> dict[str, int]:
     return {str(k): int(v) for k, v in record.items()} if isinstance(record, dict) else {}
 
 
-def _write_pruning_record(graph: gs.Graph, record: dict[str, int]) -> None:
+def _write_pruning_record(graph: gs.Graph, record: dict[str, int]) -> dict[str, str]:
+    """Record ``record`` in the graph's doc string; returns it as model metadata (``PassResult.metadata``)."""
     # Model metadata is the record's home; the graph's doc_string keeps a copy because it survives
     # every export, so a second run knows what was pruned (and from how many channels).
     text = json.dumps(dict(sorted(record.items())), sort_keys=True)
-    set_model_metadata(graph, PRUNING_KEY, text)
     doc = _RECORD_LINE.sub("", graph.doc_string or "").strip()
     graph.doc_string = (doc + "\n" if doc else "") + f"{PRUNING_KEY}: {text}"
+    return {PRUNING_KEY: text}
 
 
 def _parse_ratios(items: list[str]) -> dict[str, float]:
@@ -218,7 +218,7 @@ class PruneChannels(Pass):
         details: dict = {
             "blocked": [{"producers": g.producers, "channels": g.channels, "reason": g.blocked, "reasons": g.reasons} for g in blocked],
         }
-        record = read_pruning_record(graph)
+        record = read_pruning_record(graph, ctx.model_metadata)
         activations = None
         if not self.only_zero and (self.compensate or self.importance == "activation"):
             if ctx.calibration is not None:
@@ -257,7 +257,7 @@ class PruneChannels(Pass):
             if grp.root in plan or decided:
                 for p in grp.producers:
                     record.setdefault(p, grp.channels)
-        _write_pruning_record(graph, record)
+        metadata = _write_pruning_record(graph, record)
         after = infer_tensor_types(graph, ctx.input_shapes)
         stats.update(
             channels_removed=sum(i["removed"] for i in info),
@@ -267,7 +267,7 @@ class PruneChannels(Pass):
             macs_after=count_macs(graph, _shapes(after)),
         )
         details["groups"] = info
-        return PassResult(True, stats=stats, details=details)
+        return PassResult(True, stats=stats, details=details, metadata=metadata)
 
     # -- choosing channels ---------------------------------------------------------------------
     def _plan(self, analysis: ChannelAnalysis, groups: list[ChannelGroup], record: dict[str, int], stats, details,

@@ -14,12 +14,12 @@ import onnx_graphsurgeon as gs
 
 from optimizer.pass_base import Pass, PassContext, PassResult
 from optimizer.pass_base import register_pass
-from passes.graph_utils import constant_values, is_default_domain, set_model_metadata
+from passes.graph_utils import constant_values, is_default_domain
 from passes.graph_utils import FLOAT_TYPES
 from passes.pruning.common import LAYER_OPS, UNBOUNDED, _label
 from passes.pruning.edits import _pruned_name
 
-#: Model metadata key (``set_model_metadata``).
+#: Model metadata key (``PassResult.metadata``).
 SPARSITY_KEY = "sparsity.2to4"
 
 
@@ -124,11 +124,10 @@ class Sparsify2to4(Pass):
             marked.append(label)
             layers.append({"layer": label, "weight": node.inputs[1].name, "shape": list(w.shape), "axis": axis,
                            "zeros": round(float(np.mean(new_w == 0)), 4)})
-        if marked:
-            set_model_metadata(graph, SPARSITY_KEY, json.dumps(marked))
         stats = {"layers_2to4": len(marked), "layers_sparsified": changed,
                  **{f"skipped_{k}": v for k, v in sorted(skips.items())}}
-        return PassResult(changed > 0, stats=stats, details={SPARSITY_KEY: marked, "layers": layers})
+        metadata = {SPARSITY_KEY: json.dumps(marked)} if marked else {}
+        return PassResult(changed > 0, stats=stats, details={SPARSITY_KEY: marked, "layers": layers}, metadata=metadata)
 
     def _check(self, node: gs.Node, label: str) -> str:
         if label in self.exclude:
