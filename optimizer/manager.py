@@ -176,9 +176,7 @@ class PassManager:
             if not isinstance(result, PassResult):
                 raise TypeError(f"{type(p).__name__}.run must return a PassResult, got {type(result).__name__}")
             event.result = result
-            record.changed = result.changed
-            record.stats = dict(result.stats)
-            record.details = dict(result.details)
+            record.take(result)
             if result.changed:
                 with self.stages.measure("cleanup"):
                     graph.cleanup(remove_unused_graph_inputs=False).toposort()
@@ -272,9 +270,7 @@ class PassManager:
                 result = p.run(graph, ctx)
         if not isinstance(result, PassResult):
             raise TypeError(f"{type(p).__name__}.run must return a PassResult, got {type(result).__name__}")
-        record.changed = result.changed
-        record.stats = dict(result.stats)
-        record.details = dict(result.details)
+        record.take(result)
         if result.changed:
             with self.stages.measure("cleanup"):
                 shared.graph.cleanup(remove_unused_graph_inputs=False).toposort()

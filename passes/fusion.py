@@ -27,23 +27,9 @@ from passes.graph_utils import (
     unique_name,
 )
 from passes.match import producer
+from passes.skips import Skips
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-
-class _Skips:
-    """Counts of skipped sites by reason, reported as ``skipped_<reason>``."""
-
-    def __init__(self):
-        self.counts: dict[str, int] = {}
-
-    def add(self, reason: str) -> None:
-        self.counts[reason] = self.counts.get(reason, 0) + 1
-
-    def stats(self, **done: int) -> dict[str, int | float]:
-        out: dict[str, int | float] = dict(done)
-        out.update({f"skipped_{k}": v for k, v in sorted(self.counts.items())})
-        return out
 
 
 # -- the shared fold ---------------------------------------------------------------------------
@@ -190,7 +176,7 @@ def _bn_is_inference(g: gs.Graph, bn: gs.Node) -> bool:
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class FuseConvBatchNorm(Pass):
     """Fold an inference-mode BatchNormalization into the weighted layer that feeds it::
 
@@ -239,7 +225,7 @@ class FuseConvBatchNorm(Pass):
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class BatchNormToAffine(Pass):
     """Rewrite an inference BatchNormalization with no foldable producer as a per-channel Mul+Add::
 
@@ -257,7 +243,7 @@ class BatchNormToAffine(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         converted = 0
-        skips = _Skips()
+        skips = Skips()
         shapes = None
         for g in all_graphs(graph):
             for bn in list(g.nodes):
@@ -289,7 +275,7 @@ class BatchNormToAffine(Pass):
                 g.nodes.append(gs.Node("Mul", name=unique_name(g, f"{bn.name or 'bn'}_mul"), inputs=[x, s], outputs=[mid]))
                 g.nodes.append(gs.Node("Add", name=unique_name(g, f"{bn.name or 'bn'}_add"), inputs=[mid, t], outputs=[y]))
                 converted += 1
-        return PassResult(changed=converted > 0, stats=skips.stats(converted=converted))
+        return PassResult(changed=converted > 0, stats={"converted": converted}, skipped=skips)
 
 
 def _layer_output_rank(layer: gs.Node, info) -> int | None:
@@ -332,7 +318,7 @@ def _rewrite_sites(graph: gs.Graph, ops: tuple[str, ...], rewrite, counter: str,
     """Call ``rewrite(g, node, info)`` on every default-domain node of type ``ops`` (in the graph and
     its subgraphs); it returns "" when it rewrote the site, a skip reason, or None to ignore it."""
     done = 0
-    skips = _Skips()
+    skips = Skips()
     info = _LazyInfo(graph)
     for g in all_graphs(graph):
         for node in list(g.nodes):
@@ -345,12 +331,12 @@ def _rewrite_sites(graph: gs.Graph, ops: tuple[str, ...], rewrite, counter: str,
                 skips.add(reason)
             else:
                 done += 1
-    return PassResult(changed=done > 0, stats=skips.stats(**{counter: done}))
+    return PassResult(changed=done > 0, stats={counter: done}, skipped=skips)
 
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class FuseAffine(Pass):
     """Fold a per-output-channel constant Mul/Add/Sub/Div after a weighted layer into it::
 
@@ -421,7 +407,7 @@ def _rank(tensor: gs.Tensor, info) -> int | None:
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class FuseMatMulAdd(Pass):
     """Merge a 2-D MatMul and the Add of a bias into one Gemm::
 
@@ -468,7 +454,7 @@ class FuseMatMulAdd(Pass):
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class FuseGemmTranspose(Pass):
     """Absorb a 2-D Transpose feeding a Gemm (or a 2-D MatMul) into its ``transA``/``transB``::
 
@@ -484,7 +470,7 @@ class FuseGemmTranspose(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         fused = 0
-        skips = _Skips()
+        skips = Skips()
         info = _LazyInfo(graph)
         for g in all_graphs(graph):
             for node in list(g.nodes):
@@ -510,7 +496,7 @@ class FuseGemmTranspose(Pass):
                     node.attrs[attr] = 1 - int(node.attrs.get(attr, 0))
                     node.inputs[i] = tr.inputs[0]
                     fused += 1
-        return PassResult(changed=fused > 0, stats=skips.stats(fused=fused))
+        return PassResult(changed=fused > 0, stats={"fused": fused}, skipped=skips)
 
 
 def _pad_amounts(pad: gs.Node, rank: int) -> np.ndarray | None:
@@ -551,7 +537,7 @@ def _pad_amounts(pad: gs.Node, rank: int) -> np.ndarray | None:
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class FusePad(Pass):
     """Fold a zero, constant-mode Pad on spatial axes into the Conv or pooling node after it::
 

@@ -26,6 +26,7 @@ from passes.bias_correction import apply_bias_correction, correction_targets, co
 from passes.graph_utils import constant_values, is_default_domain, unique_name
 from passes.match import producer
 from passes.quant_formats import INT8, QuantFormat, dequantize, quantize_weight
+from passes.skips import Skips
 from passes.quant_search import (
     AUTO_CANDIDATES,
     METHOD_CHOICES,
@@ -145,14 +146,14 @@ HANDLERS: dict[str, Callable[[gs.Node, PlacementOptions, Callable[[str], None]],
 
 
 def find_sites(graph: gs.Graph, opts: PlacementOptions,
-               reasons: dict[str, str] | None = None) -> tuple[list[QuantSite], dict[str, int]]:
+               reasons: dict[str, str] | None = None) -> tuple[list[QuantSite], Skips]:
     """Walk the main graph with the handler table; subgraph bodies are left in float.
     ``reasons`` (when given) receives, per node left in float by a handler, the reason."""
-    skipped: dict[str, int] = {}
+    skipped = Skips()
     node_name = ""  # the node the handlers are looking at (read by skip)
 
     def skip(reason: str) -> None:
-        skipped[reason] = skipped.get(reason, 0) + 1
+        skipped.add(reason)
         if reasons is not None and node_name:
             reasons[node_name] = reason
 
@@ -168,12 +169,12 @@ def find_sites(graph: gs.Graph, opts: PlacementOptions,
         sites.extend(handler(node, opts, skip))
     with_bodies = sum(1 for node in graph.nodes if any(True for _ in node.subgraphs()))
     if with_bodies:
-        skipped["subgraphs_left_in_float"] = with_bodies
+        skipped.add("subgraphs_left_in_float", with_bodies)
     return sites, skipped
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class QuantizeInt8(Pass):
     """Insert INT8 Q/DQ nodes following TensorRT's placement recommendations::
 
@@ -241,9 +242,9 @@ class QuantizeInt8(Pass):
 
     def __post_init__(self):
         if self.bias_correction not in self.bias_correction_choices:
-            raise ValueError(f"bias_correction must be {' or '.join(self.bias_correction_choices)}; got {self.bias_correction!r}")
+            raise self.option_error(f"bias_correction must be {' or '.join(self.bias_correction_choices)}; got {self.bias_correction!r}")
         if self.method not in self.method_choices:
-            raise ValueError(f"method must be one of {', '.join(self.method_choices)}; got {self.method!r}")
+            raise self.option_error(f"method must be one of {', '.join(self.method_choices)}; got {self.method!r}")
 
     def placement(self) -> PlacementOptions:
         return PlacementOptions(self.min_weight_elements, self.pooling, self.residual)
@@ -252,7 +253,7 @@ class QuantizeInt8(Pass):
         fmt = self.number_format
         opset = int(graph.opset or ctx.opset or 0)
         if opset < fmt.min_opset:  # the opset whose QuantizeLinear/DequantizeLinear take this type
-            return PassResult(False, stats={f"skipped_opset_below_{fmt.min_opset}": 1})
+            return PassResult(False, skipped={f"opset_below_{fmt.min_opset}": 1})
         float_reasons: dict[str, str] = {}
         sites, skipped = find_sites(graph, self.placement(), float_reasons)
         if opset < fmt.per_channel_opset:  # no per-channel DequantizeLinear (axis) yet: per-tensor weights
@@ -260,15 +261,15 @@ class QuantizeInt8(Pass):
             for site in sites:
                 if site.kind == "weight" and site.axis is not None:
                     site.axis = None
-                    skipped[reason] = skipped.get(reason, 0) + 1
+                    skipped.add(reason)
         excluded = set(self.exclude)
         if excluded:
             kept = [s for s in sites if s.node.name not in excluded]
-            skipped["excluded"] = len({id(s.node) for s in sites if s.node.name in excluded})
+            skipped.add("excluded", len({id(s.node) for s in sites if s.node.name in excluded}))
             float_reasons.update({s.node.name: "excluded" for s in sites if s.node.name in excluded})
             sites = kept
         if not sites:
-            return PassResult(False, stats={f"skipped_{k}": v for k, v in skipped.items()})
+            return PassResult(False, skipped=skipped)
         activations = sorted({s.node.inputs[s.index].name for s in sites if s.kind == "activation"})
         float_model = _graph_model(graph) if (self.method == "auto" or self.bias_correction == "auto") else None
         scoring = Scoring(float_model, ctx) if float_model is not None else None  # reference outputs: once
@@ -291,7 +292,7 @@ class QuantizeInt8(Pass):
                 layer["weight"] = tensor.name
             if site.kind == "activation":
                 if tensor.name not in ranges:
-                    skipped["no_range"] = skipped.get("no_range", 0) + 1
+                    skipped.add("no_range")
                     continue
                 if tensor.name not in qdq:
                     qdq[tensor.name] = _insert_qdq(graph, tensor, ranges[tensor.name]["scale"], fmt)
@@ -338,12 +339,11 @@ class QuantizeInt8(Pass):
             "quantized_nodes": len(quantized_nodes),
             "quantized_activations": len(qdq),
             "quantized_weights": len(weights),
-            **{f"skipped_{k}": v for k, v in sorted(skipped.items())},
         }
-        return PassResult(changed=bool(quantized_nodes), stats=stats, details=details)
+        return PassResult(changed=bool(quantized_nodes), stats=stats, skipped=skipped, details=details)
 
 
-    def _correct_biases(self, graph: gs.Graph, targets, float_model, scoring, ctx: PassContext, skipped: dict,
+    def _correct_biases(self, graph: gs.Graph, targets, float_model, scoring, ctx: PassContext, skipped: Skips,
                         reselect=None) -> dict:
         """Fold the mean shift weight quantization causes into the biases (``passes.bias_correction``);
         with ``bias_correction=auto`` keep it only if it scores better on the scoring samples --

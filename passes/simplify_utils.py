@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 
 from optimizer.pass_base import PassResult
 from passes.graph_utils import InferredType, all_graphs, constant_values
+from passes.skips import Skips
 
 #: Safety bound on simplification rounds inside one run (each round only ever removes work).
 _MAX_ROUNDS = 32
@@ -57,8 +58,10 @@ def _position(tensors: list[gs.Tensor], tensor: gs.Tensor) -> int:
     return next(i for i, t in enumerate(tensors) if t is tensor)
 
 
-def _result(counts: Counter, changed: bool) -> PassResult:
-    return PassResult(changed=changed, stats={k: int(v) for k, v in sorted(counts.items()) if v})
+def _result(counts: Counter, changed: bool, skips: Skips | None = None) -> PassResult:
+    """The nonzero counts as stats, and the sites refused by reason (``skips``)."""
+    return PassResult(changed=changed, stats={k: int(v) for k, v in sorted(counts.items()) if v},
+                      skipped={k: int(v) for k, v in sorted((skips or {}).items()) if v})
 
 
 def _slice_inputs(node: gs.Node) -> list[np.ndarray | None] | None:

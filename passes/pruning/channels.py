@@ -31,6 +31,7 @@ from passes.pruning.edits import apply_edits, fold_constants, fold_into_bias, we
 from passes.pruning.groups import ChannelAnalysis, ChannelGroup
 from passes.pruning.maps import _Use
 from passes.pruning.sparsity import is_2to4
+from passes.skips import Skips
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def kept_count(original: int, ratio: float, multiple: int, min_channels: int) ->
 
 # ============================================================================ prune-channels
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class PruneChannels(Pass):
     """Structured channel pruning: remove whole output channels of Conv/ConvTranspose/Gemm/MatMul
     layers together with everything that reads or transforms them::
@@ -196,14 +197,17 @@ class PruneChannels(Pass):
 
     def __post_init__(self):
         if self.importance not in ("l1", "l2", "bn-gamma", "activation"):
-            raise ValueError(f"importance must be l1, l2, bn-gamma or activation; got {self.importance!r}")
+            raise self.option_error(f"importance must be l1, l2, bn-gamma or activation; got {self.importance!r}")
         if self.scope not in ("layer", "global"):
-            raise ValueError(f"scope must be layer or global; got {self.scope!r}")
+            raise self.option_error(f"scope must be layer or global; got {self.scope!r}")
         if not 0.0 <= float(self.ratio) < 1.0:
-            raise ValueError(f"ratio must be in [0, 1); got {self.ratio}")
+            raise self.option_error(f"ratio must be in [0, 1); got {self.ratio}")
         if int(self.multiple) < 1 or int(self.min_channels) < 1:
-            raise ValueError("multiple and min_channels must be >= 1")
-        _parse_ratios(self.ratios)
+            raise self.option_error("multiple and min_channels must be >= 1")
+        try:
+            _parse_ratios(self.ratios)
+        except ValueError as exc:
+            raise self.option_error(str(exc)) from None
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         types = infer_tensor_types(graph, ctx.input_shapes)
@@ -230,11 +234,13 @@ class PruneChannels(Pass):
                     details["calibration"] = f"unusable: {exc}"
             else:
                 details["calibration"] = "none: no compensation, activation importance falls back to l1"
-        plan, info = self._plan(analysis, [g for g in groups if not g.blocked], record, stats, details, activations)
+        skips = Skips()
+        plan, info = self._plan(analysis, [g for g in groups if not g.blocked], record, stats, details, skips,
+                                activations)
         stats["groups_pruned"] = len(plan)
         if not plan:
             stats["channels_removed"] = 0
-            return PassResult(False, stats=stats, details=details)
+            return PassResult(False, stats=stats, details=details, skipped=skips)
         params_before = _live_params(graph)
         macs_before = count_macs(graph, _shapes(types))
         sparse_before = _sparse_consumers(analysis, plan)
@@ -267,11 +273,11 @@ class PruneChannels(Pass):
             macs_after=count_macs(graph, _shapes(after)),
         )
         details["groups"] = info
-        return PassResult(True, stats=stats, details=details, metadata=metadata)
+        return PassResult(True, stats=stats, details=details, skipped=skips, metadata=metadata)
 
     # -- choosing channels ---------------------------------------------------------------------
     def _plan(self, analysis: ChannelAnalysis, groups: list[ChannelGroup], record: dict[str, int], stats, details,
-              activations: dict | None = None):
+              skips: Skips, activations: dict | None = None):
         ratios = _parse_ratios(self.ratios)
         named = {p for g in groups for p in g.producers}
         unmatched = sorted(set(ratios) - named)
@@ -310,7 +316,7 @@ class PruneChannels(Pass):
                 targets[grp.root] = kept_count(original, max(explicit), self.multiple, self.min_channels)
             elif self.scope == "global":
                 if any(p in record for p in grp.producers):
-                    stats["skipped_already_pruned"] = stats.get("skipped_already_pruned", 0) + 1
+                    skips.add("already_pruned")
                     continue
                 pool.append(grp)
             else:
