@@ -55,6 +55,16 @@ def _restore_declared_types(graph: gs.Graph, proto) -> None:
                         _restore_declared_types(g, g_proto)
 
 
+def fresh_name(base: str, used: set[str]) -> str:
+    """``base``, or the first of ``base_1``, ``base_2`` ... not in ``used``; it is added to ``used``."""
+    name, i = base, 0
+    while name in used:
+        i += 1
+        name = f"{base}_{i}"
+    used.add(name)
+    return name
+
+
 def metadata_props(model: onnx.ModelProto) -> dict[str, str]:
     """A model's ``metadata_props`` as a dict (a later entry wins over an earlier one of the same key)."""
     return {p.key: p.value for p in model.metadata_props}

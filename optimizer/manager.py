@@ -141,14 +141,7 @@ class PassManager:
             if step is None:
                 break
             if isinstance(step, FixedPoint):
-                for i in range(step.max_iterations):
-                    if not self._run_steps(step.steps, state, ctx, iteration=i, top=False):
-                        break
-                    changed_any = True
-                else:
-                    state.warnings.append(
-                        f"fixpoint({format_pipeline(step.steps)}) did not converge in {step.max_iterations} rounds"
-                    )
+                changed_any |= _fixpoint(step, state, lambda i: self._run_steps(step.steps, state, ctx, i, top=False))
             else:
                 changed_any |= self._run_pass(step, state, ctx, iteration)
         return changed_any
@@ -239,14 +232,7 @@ class PassManager:
         changed_any = False
         for step in steps:
             if isinstance(step, FixedPoint):
-                for i in range(step.max_iterations):
-                    if not self._shared_steps(step.steps, shared, state, ctx, iteration=i):
-                        break
-                    changed_any = True
-                else:
-                    state.warnings.append(
-                        f"fixpoint({format_pipeline(step.steps)}) did not converge in {step.max_iterations} rounds"
-                    )
+                changed_any |= _fixpoint(step, state, lambda i: self._shared_steps(step.steps, shared, state, ctx, i))
             else:
                 changed_any |= self._shared_pass(step, shared, state, ctx, iteration)
         return changed_any
@@ -303,6 +289,15 @@ class PassManager:
             r.verification = verdict.status
             r.verification_detail = f"{verdict.detail} (checked once for the {len(changed)} changes of its group)"
         changed[-1].outputs = verdict.metrics
+
+
+def _fixpoint(step: FixedPoint, state: _RunState, run_round) -> bool:
+    """Run ``run_round(iteration)`` until a round changes nothing; whether any round changed."""
+    for i in range(step.max_iterations):
+        if not run_round(i):
+            return i > 0
+    state.warnings.append(f"fixpoint({format_pipeline(step.steps)}) did not converge in {step.max_iterations} rounds")
+    return True
 
 
 def _batchable(step: Step) -> bool:

@@ -8,7 +8,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 # The passes' toolkit re-exports the kernel's graph <-> model helpers: pass authors find them here.
-from optimizer.graph import graph_to_model, import_graph  # noqa: F401
+from optimizer.graph import fresh_name, graph_to_model, import_graph  # noqa: F401
 
 #: Nodes that must never be folded, merged or removed by general-purpose passes.
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
@@ -93,12 +93,7 @@ def unique_name(graph: gs.Graph, base: str) -> str:
         used = {t.name for g in all_graphs(graph) for t in g.tensors().values()}
         used |= {n.name for g in all_graphs(graph) for n in g.nodes if n.name}
         graph.__dict__["_unique_names_cache"] = used
-    name, i = base, 0
-    while name in used:
-        i += 1
-        name = f"{base}_{i}"
-    used.add(name)
-    return name
+    return fresh_name(base, used)
 
 
 def is_constant_expression(tensor: gs.Tensor, _memo: dict[int, bool] | None = None) -> bool:

@@ -14,10 +14,10 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from optimizer.pass_base import PassContext
+from passes.graph_model import calibration_source, graph_model
 from passes.graph_utils import UnionFind, constant_values
 
 log = logging.getLogger(__name__)
@@ -194,8 +194,8 @@ def collect_group_stats(graph: gs.Graph, groups: list[Group], ctx: PassContext, 
 
     if ctx.calibration is None:
         return None, {"fallback": "no calibration data (--calib)"}
-    model = _graph_model(graph)
-    source = _source_for(model, ctx, ctx.calibration)
+    model = graph_model(graph)
+    source = calibration_source(model, ctx, ctx.calibration)
     if source.synthetic:
         return None, {"fallback": "synthetic calibration data", "source": source.description}
     tensors = list(dict.fromkeys(t.name for g in groups for t, _ in g.inputs()))
@@ -207,22 +207,3 @@ def collect_group_stats(graph: gs.Graph, groups: list[Group], ctx: PassContext, 
                                    "tensors": len(stats), "skipped": dict(stats.skipped)}
 
 
-def _source_for(model: onnx.ModelProto, ctx: PassContext, data):
-    """Calibration data for ``model``, read in the original model's layout and adapted to it."""
-    from calibration.sources import AdaptedSource, open_source
-    from optimizer.runtime import input_specs
-
-    specs = ctx.original_inputs or input_specs(model)
-    source = open_source(data, specs, shapes=ctx.input_shapes)
-    if ctx.feed_adapter is not None and ctx.original_inputs is not None:
-        source = AdaptedSource(source, ctx.original_inputs, ctx.feed_adapter)
-    return source
-
-
-def _graph_model(graph: gs.Graph) -> onnx.ModelProto:
-    """An ONNX model of ``graph`` (a copy) for running in ONNX Runtime."""
-    from optimizer.graph import graph_to_model
-
-    template = onnx.ModelProto()
-    template.ir_version = 10
-    return graph_to_model(graph.copy(), template)

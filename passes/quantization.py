@@ -27,13 +27,12 @@ from passes.graph_utils import constant_values, is_default_domain, unique_name
 from passes.match import producer
 from passes.quant_formats import INT8, QuantFormat, dequantize, quantize_weight
 from passes.skips import Skips
+from passes.graph_model import calibration_source, graph_model
 from passes.quant_search import (
     AUTO_CANDIDATES,
     METHOD_CHOICES,
     Scoring,
-    _graph_model,
     _set_scale,
-    _source_for,
     calibrate,
     score_model,
     select_method,
@@ -271,7 +270,7 @@ class QuantizeInt8(Pass):
         if not sites:
             return PassResult(False, skipped=skipped)
         activations = sorted({s.node.inputs[s.index].name for s in sites if s.kind == "activation"})
-        float_model = _graph_model(graph) if (self.method == "auto" or self.bias_correction == "auto") else None
+        float_model = graph_model(graph) if (self.method == "auto" or self.bias_correction == "auto") else None
         scoring = Scoring(float_model, ctx) if float_model is not None else None  # reference outputs: once
         targets = correction_targets([s for s in sites if s.kind == "weight"]) if self.bias_correction != "off" else []
         candidates, calib_info = calibrate(graph, activations, ctx, self.method, self.percentile, self.range_cache,
@@ -352,8 +351,8 @@ class QuantizeInt8(Pass):
         from calibration.collect import collect_channel_means
 
         axes = mean_tensors(targets)
-        model = float_model if float_model is not None else _graph_model(graph)
-        source = _source_for(model, ctx, ctx.calibration)
+        model = float_model if float_model is not None else graph_model(graph)
+        source = calibration_source(model, ctx, ctx.calibration)
         means = collect_channel_means(model, axes, source, max_samples=BIAS_SAMPLES).means
         corrections = corrections_for(targets, means, skipped, axes)
         if not corrections:
@@ -362,7 +361,7 @@ class QuantizeInt8(Pass):
         # that node reads a new array: keep both, to undo exactly
         saved = [(node, list(node.inputs)) for node in graph.nodes]
         saved_values = [(t, t.values) for _, inputs in saved for t in inputs if isinstance(t, gs.Constant)]
-        before = score_model(_graph_model(graph), scoring) if self.bias_correction == "auto" else None
+        before = score_model(graph_model(graph), scoring) if self.bias_correction == "auto" else None
         applied = apply_bias_correction(graph, corrections, skipped)
         info = {"applied": applied, "kept": True, "mode": self.bias_correction}
         if before is not None and applied:
@@ -373,7 +372,7 @@ class QuantizeInt8(Pass):
                 before = (round(before[0], 3), round(before[1], 3))  # the table's rounding
                 info.update(chosen=chosen, candidates_on=table)
             else:
-                after = score_model(_graph_model(graph), scoring)
+                after = score_model(graph_model(graph), scoring)
             info.update(score_off=round(before[0], 3), score_on=round(after[0], 3),
                         sqnr_off=round(before[1], 3), sqnr_on=round(after[1], 3))
             if after <= before:  # no measurable gain: undo

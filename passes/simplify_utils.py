@@ -15,7 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from optimizer.pass_base import PassResult
-from passes.graph_utils import InferredType, all_graphs, constant_values
+from passes.graph_utils import InferredType, all_graphs, constant_values, fresh_name
 from passes.skips import Skips
 
 #: Safety bound on simplification rounds inside one run (each round only ever removes work).
@@ -29,12 +29,7 @@ class _Names:
         self.used = {t.name for g in all_graphs(graph) for t in g.tensors().values()}
 
     def new(self, base: str) -> str:
-        name, i = base, 0
-        while name in self.used:
-            i += 1
-            name = f"{base}_{i}"
-        self.used.add(name)
-        return name
+        return fresh_name(base, self.used)
 
 
 def _shape(tensor: gs.Tensor, types: dict[str, InferredType]) -> tuple[int | None, ...] | None:

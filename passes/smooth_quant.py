@@ -222,10 +222,10 @@ class SmoothQuant(Pass):
 def _activation_maxima(graph: gs.Graph, tensors: list[str], ctx: PassContext, data, where: str):
     """Per-channel statistics of ``tensors`` on ``data`` (in the original model's layout)."""
     from calibration.channel_stats import collect_channel_stats
-    from passes.quantization import _graph_model, _source_for
+    from passes.graph_model import calibration_source, graph_model
 
-    model = _graph_model(graph)
-    source = _source_for(model, ctx, data)
+    model = graph_model(graph)
+    source = calibration_source(model, ctx, data)
     stats = collect_channel_stats(model, tensors, source, max_rows=0, progress=ctx.progress, max_samples=STAT_SAMPLES)
     info = {"from": where, "source": stats.source, "samples": stats.samples, "synthetic": bool(stats.synthetic)}
     if stats.skipped:

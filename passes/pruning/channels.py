@@ -425,16 +425,12 @@ def channel_statistics(graph: gs.Graph, tensors: list[str], analysis: ChannelAna
 
     Returns ``{tensor: (mean, std)}`` plus ``"__samples__"``. Tensors that cannot be measured are left out.
     """
-    import onnx
-
     from calibration.collect import augment_model
     from calibration.sources import open_source
-    from optimizer.graph import graph_to_model
     from optimizer.runtime import OrtRunner, input_specs
+    from passes.graph_model import graph_model
 
-    template = onnx.ModelProto()
-    template.ir_version = 10
-    model = graph_to_model(graph.copy(), template)
+    model = graph_model(graph)
     specs = input_specs(model)
     source = open_source(ctx.calibration, specs, shapes=ctx.input_shapes)
     runner = OrtRunner(augment_model(model, tensors))
