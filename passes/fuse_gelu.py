@@ -11,13 +11,12 @@ import onnx_graphsurgeon as gs
 
 from optimizer.pass_base import Pass, PassContext, PassResult
 from optimizer.pass_base import register_pass
-from passes.graph_utils import all_graphs, constant_values, is_default_domain
+from passes.graph_utils import all_graphs, constant_values, detach, is_default_domain
 from passes.match import producer
 from passes.skips import Skips
 from passes.pattern_utils import (
     FUSABLE_FLOAT_TYPES,
     _close,
-    _disconnect,
     _fits_rank,
     _node_name,
     _other_input,
@@ -256,7 +255,7 @@ class FuseGelu(Pass):
             return "intermediate_shared"
         erf = m.anchor.op == "Erf"
         y = m.output
-        _disconnect(m.nodes)
+        detach(*m.nodes)
         g.nodes.append(gs.Node(
             "Gelu", name=_node_name(g, m.anchor.name, "Gelu"),
             attrs={"approximate": "none" if erf else "tanh"}, inputs=[m.x], outputs=[y],

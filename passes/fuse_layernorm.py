@@ -10,12 +10,11 @@ import onnx_graphsurgeon as gs
 
 from optimizer.pass_base import Pass, PassContext, PassResult
 from optimizer.pass_base import register_pass
-from passes.graph_utils import all_graphs, constant_values, is_default_domain, only_consumer, unique_name
+from passes.graph_utils import all_graphs, constant_values, detach, is_default_domain, only_consumer, unique_name
 from passes.match import match_chain
 from passes.skips import Skips
 from passes.pattern_utils import (
     FUSABLE_FLOAT_TYPES,
-    _disconnect,
     _fits_rank,
     _node_name,
     _other_input,
@@ -223,7 +222,7 @@ class FuseLayerNorm(Pass):
         inputs = [x, scale]
         if affine.beta is not None:
             inputs.append(self._param(g, *affine.beta, f"{rm1.name or 'layernorm'}_bias"))
-        _disconnect([rm1, sub, square, rm2, add_eps, sqrt, div] + ([recip] if recip else []) + affine.nodes)
+        detach(rm1, sub, square, rm2, add_eps, sqrt, div, *([recip] if recip else []), *affine.nodes)
         g.nodes.append(gs.Node(
             "LayerNormalization", name=_node_name(g, rm1.name, "LayerNormalization"),
             attrs={"axis": -k, "epsilon": float(eps.reshape(-1)[0])}, inputs=inputs, outputs=[y],

@@ -18,6 +18,7 @@ from passes.graph_utils import (
     FLOAT_TYPES,
     all_graphs,
     constant_values,
+    detach,
     evaluate_constant_expression,
     infer_tensor_types,
     is_constant_expression,
@@ -152,11 +153,6 @@ def fold_channel_affine(
     return ""
 
 
-def _detach(node: gs.Node) -> None:
-    node.inputs.clear()
-    node.outputs.clear()
-
-
 def _bn_scale_shift(bn: gs.Node, opset: int) -> tuple[np.ndarray, np.ndarray, np.dtype] | None:
     """Per-channel (scale, shift) of an inference BatchNormalization in float64, and the dtype of
     its parameters; None when they are not constant."""
@@ -271,7 +267,7 @@ class BatchNormToAffine(Pass):
                 t = gs.Constant(unique_name(g, f"{bn.name or 'bn'}_shift"), affine[1].reshape(layout).astype(dtype))
                 mid = gs.Variable(unique_name(g, f"{bn.name or 'bn'}_scaled"), dtype=dtype, shape=x.shape)
                 y = bn.outputs[0]
-                _detach(bn)
+                detach(bn)
                 g.nodes.append(gs.Node("Mul", name=unique_name(g, f"{bn.name or 'bn'}_mul"), inputs=[x, s], outputs=[mid]))
                 g.nodes.append(gs.Node("Add", name=unique_name(g, f"{bn.name or 'bn'}_add"), inputs=[mid, t], outputs=[y]))
                 converted += 1
@@ -396,7 +392,7 @@ class FuseAffine(Pass):
             y = node.outputs[0]
             reason = fold_channel_affine(g, layer, scale, shift, y, c.dtype)
             if not reason:
-                _detach(node)
+                detach(node)
             return reason
         return None
 
@@ -447,8 +443,7 @@ class FuseMatMulAdd(Pass):
             return "not_float"
         y = add.outputs[0]
         a, b = mm.inputs[0], mm.inputs[1]
-        _detach(add)
-        _detach(mm)
+        detach(add, mm)
         g.nodes.append(gs.Node("Gemm", name=mm.name or None, inputs=[a, b, bias_t], outputs=[y]))
         return ""
 

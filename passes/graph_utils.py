@@ -76,6 +76,13 @@ def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
     return any(t is tensor for t in graph.outputs)
 
 
+def detach(*nodes: gs.Node) -> None:
+    """Cut ``nodes`` out of the graph (no inputs, no outputs): the manager's cleanup removes them."""
+    for node in nodes:
+        node.inputs.clear()
+        node.outputs.clear()
+
+
 def only_consumer(graph: gs.Graph, tensor: gs.Tensor, node: gs.Node) -> bool:
     """True when ``node`` is the sole reader of ``tensor`` and the tensor is not a graph output."""
     return len(tensor.outputs) == 1 and tensor.outputs[0] is node and not is_graph_output(graph, tensor)

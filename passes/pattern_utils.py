@@ -103,9 +103,3 @@ def _sole_readers(graph: gs.Graph, pairs: list[tuple[gs.Tensor, list[gs.Node]]])
         if sorted(id(n) for n in tensor.outputs) != sorted(id(n) for n in expected):
             return False
     return True
-
-
-def _disconnect(nodes: list[gs.Node]) -> None:
-    for node in nodes:
-        node.outputs.clear()
-        node.inputs.clear()

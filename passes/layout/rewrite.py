@@ -8,12 +8,12 @@ import json
 
 import onnx_graphsurgeon as gs
 
-from passes.graph_utils import unique_name
+from passes.graph_utils import detach, unique_name
 from passes.layout.analysis import Analyzer, _Analysis
 from passes.layout.handlers import _Edits
 from optimizer.io_layout import LAYOUT_INPUTS_KEY, LAYOUT_OUTPUTS_KEY
 from passes.layout.perms import Perm, channel_first_perm, invert, transposed_shape
-from passes.layout.transposes import LayoutGraph, _detach
+from passes.layout.transposes import LayoutGraph
 
 
 def commit(analyzer: Analyzer, a: _Analysis) -> tuple[dict[str, int], dict, dict[str, str]]:
@@ -63,7 +63,7 @@ def commit(analyzer: Analyzer, a: _Analysis) -> tuple[dict[str, int], dict, dict
                 for i, t in enumerate(consumer.inputs):
                     if t is out:
                         consumer.inputs[i] = pre
-        _detach(node)
+        detach(node)
     # 3. one Transpose for each labeled tensor still read in its own layout
     new_nodes: list[gs.Node] = []
     outputs_nchw: dict[str, dict] = {}
