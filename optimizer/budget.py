@@ -333,15 +333,15 @@ def _reuse_ranges(tunable, details: dict, start_model: onnx.ModelProto, scratch:
     once, never per candidate (``(tunable, None)`` when there is nothing to reuse)."""
     from calibration.cache import save_ranges
     from calibration.ranges import TensorRange
+    from passes.graph_model import graph_model
     from passes.graph_utils import import_graph
-    from passes.quantization import _graph_model
 
     ranges = [TensorRange(n, float(v["amax"]), str(v["method"]), v.get("sqnr_db"))
               for n, v in details.get("tensors", {}).items()]
     if not ranges or not hasattr(tunable, "range_cache"):
         return tunable, None
     cache = scratch / "ranges.json"
-    save_ranges(cache, ranges, _graph_model(import_graph(start_model)))
+    save_ranges(cache, ranges, graph_model(import_graph(start_model)))
     return replace(tunable, range_cache=str(cache)), cache.read_text()
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import onnx
 from onnx import AttributeProto, TensorProto, helper
 
+from optimizer.graph import fresh_name
 from optimizer.stats import iter_graphs
 
 log = logging.getLogger(__name__)
@@ -140,12 +141,7 @@ class _Rewriter:
         self.wrapped = 0
 
     def fresh(self, base: str) -> str:
-        name, i = base, 0
-        while name in self.names:
-            i += 1
-            name = f"{base}_{i}"
-        self.names.add(name)
-        return name
+        return fresh_name(base, self.names)
 
     def graph(self, graph: onnx.GraphProto) -> None:
         nodes: list[onnx.NodeProto] = []

@@ -25,8 +25,14 @@ class PipelineError(OptimizerError):
     """A pipeline text, pass name or pass option is invalid (exit code 2)."""
 
 
+class OptionError(PipelineError, ValueError):
+    """A pass option is invalid (exit code 2): what every pass's option check raises
+    (``Pass.option_error``), from pipeline text, Python and the CLI's overrides alike. Also a
+    ``ValueError``, as bad constructor arguments are in Python."""
+
+
 class PassError(OptimizerError):
-    """A pass raised, or produced an invalid model (exit code 1).
+    r"""A pass raised, or produced an invalid model (exit code 1).
 
     ``pass_name`` names the failing pass and ``passes_before`` the passes that ran before it;
     ``records`` are the ``PassRecord`` objects of the passes run so far, the failing one last.

@@ -15,6 +15,20 @@ from optimizer.pass_base import Pass, PassContext, PassResult
 from optimizer.stats import ModelStats
 
 
+#: How a refused site's reason is named in a record's stats: ``skipped_<reason>``.
+SKIPPED_PREFIX = "skipped_"
+
+
+def skip_key(reason: str) -> str:
+    """The stat that counts sites refused for ``reason`` (words joined by ``_``)."""
+    return SKIPPED_PREFIX + "_".join(reason.split())
+
+
+def skip_reasons(stats: dict) -> dict[str, int]:
+    """``{reason: sites}`` from a record's stats (the inverse of ``skip_key``), nonzero counts only."""
+    return {k[len(SKIPPED_PREFIX):]: v for k, v in stats.items() if k.startswith(SKIPPED_PREFIX) and v}
+
+
 @dataclass
 class PassRecord:
     """What happened in one run of one pass (one entry per fixed-point iteration)."""
@@ -33,6 +47,13 @@ class PassRecord:
     outputs: list[OutputMetrics] = field(default_factory=list)
     rolled_back: bool = False
     error: str = ""
+
+    def take(self, result: PassResult) -> None:
+        """Record what the pass returned; its skipped sites become ``skipped_<reason>`` stats."""
+        self.changed = result.changed
+        self.stats = dict(result.stats)
+        self.stats.update((skip_key(reason), n) for reason, n in sorted(result.skipped.items()))
+        self.details = dict(result.details)
 
 
 @dataclass

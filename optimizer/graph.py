@@ -55,31 +55,34 @@ def _restore_declared_types(graph: gs.Graph, proto) -> None:
                         _restore_declared_types(g, g_proto)
 
 
+def fresh_name(base: str, used: set[str]) -> str:
+    """``base``, or the first of ``base_1``, ``base_2`` ... not in ``used``; it is added to ``used``."""
+    name, i = base, 0
+    while name in used:
+        i += 1
+        name = f"{base}_{i}"
+    used.add(name)
+    return name
 
-def set_model_metadata(graph: gs.Graph, key: str, value: str) -> None:
-    """Ask for ``key = value`` in the exported model's ``metadata_props`` (a graph has none).
 
-    Passes that change the model's interface (e.g. ``layout-nchw(io=nchw)``) record it here; the
-    manager copies these entries into the model it exports (see ``model_metadata``).
+def metadata_props(model: onnx.ModelProto) -> dict[str, str]:
+    """A model's ``metadata_props`` as a dict (a later entry wins over an earlier one of the same key)."""
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def graph_to_model(graph: gs.Graph, template: onnx.ModelProto, metadata: dict[str, str] | None = None) -> onnx.ModelProto:
+    """Export ``graph`` keeping ``template``'s model-level fields and a runnable IR version.
+
+    ``metadata``: ``metadata_props`` entries to set over ``template``'s (what passes returned in
+    ``PassResult.metadata``, e.g. a changed I/O layout); a graph has no metadata of its own.
     """
-    # graph.__dict__ directly: graphsurgeon's Graph.__getattr__ treats unknown names as op functions
-    graph.__dict__.setdefault("_model_metadata", {})[key] = value
-
-
-def model_metadata(graph: gs.Graph) -> dict[str, str]:
-    """The ``metadata_props`` entries passes asked for with ``set_model_metadata``."""
-    return dict(graph.__dict__.get("_model_metadata", {}))
-
-
-def graph_to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
-    """Export ``graph`` keeping ``template``'s model-level fields and a runnable IR version."""
     model = gs.export_onnx(graph)
     model.ir_version = template.ir_version
     for name in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(model, name, getattr(template, name))
     del model.metadata_props[:]
     model.metadata_props.extend(template.metadata_props)
-    for key, value in model_metadata(graph).items():  # entries a pass asked for (e.g. new I/O layouts)
+    for key, value in (metadata or {}).items():
         existing = next((p for p in model.metadata_props if p.key == key), None)
         if existing is None:
             model.metadata_props.add(key=key, value=value)

@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 
 from optimizer.errors import OptimizerError
+from optimizer.events import skip_reasons
 
 SCHEMA = "onnx-trt-optimizer/inspect/v1"
 #: Top-level keys of the JSON, always all present.
@@ -226,7 +227,7 @@ def _int8_summary(entry: dict, before_quantize: onnx.ModelProto | None) -> dict:
         "quantized_layers": int(stats.get("quantized_nodes", 0)) if record and record["changed"] else 0,
         "quantized_activations": int(stats.get("quantized_activations", 0)) if record and record["changed"] else 0,
         "quantized_weights": int(stats.get("quantized_weights", 0)) if record and record["changed"] else 0,
-        "float_reasons": {k[len("skipped_"):]: v for k, v in stats.items() if k.startswith("skipped_") and v},
+        "float_reasons": skip_reasons(stats),
         "float_layers": [],
         "error": record["error"] if record else (entry or {}).get("error", ""),
         "note": RANGES_NOTE,

@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 
 from optimizer.errors import PassError, VerificationError
 from optimizer.events import Hook, PassEvent, PassRecord, StageTimes  # noqa: F401  (Hook, PassRecord: public here too)
-from optimizer.graph import graph_to_model, import_graph
+from optimizer.graph import graph_to_model, import_graph, metadata_props
 from optimizer.pass_base import EXACT, Pass, PassContext, PassResult
 from optimizer.stats import ModelStats
 from optimizer.pipeline import FixedPoint, Step, coerce_pipeline, format_pipeline
@@ -141,14 +141,7 @@ class PassManager:
             if step is None:
                 break
             if isinstance(step, FixedPoint):
-                for i in range(step.max_iterations):
-                    if not self._run_steps(step.steps, state, ctx, iteration=i, top=False):
-                        break
-                    changed_any = True
-                else:
-                    state.warnings.append(
-                        f"fixpoint({format_pipeline(step.steps)}) did not converge in {step.max_iterations} rounds"
-                    )
+                changed_any |= _fixpoint(step, state, lambda i: self._run_steps(step.steps, state, ctx, i, top=False))
             else:
                 changed_any |= self._run_pass(step, state, ctx, iteration)
         return changed_any
@@ -165,6 +158,7 @@ class PassManager:
             from optimizer.runtime import io_adapter
 
             ctx.feed_adapter = io_adapter(self._original, state.model)[0]
+            ctx.model_metadata = metadata_props(state.model)
             if skip:  # no graph import: the pass could not match anything in this model
                 graph, result = None, PassResult(False)
             else:
@@ -175,14 +169,12 @@ class PassManager:
             if not isinstance(result, PassResult):
                 raise TypeError(f"{type(p).__name__}.run must return a PassResult, got {type(result).__name__}")
             event.result = result
-            record.changed = result.changed
-            record.stats = dict(result.stats)
-            record.details = dict(result.details)
+            record.take(result)
             if result.changed:
                 with self.stages.measure("cleanup"):
                     graph.cleanup(remove_unused_graph_inputs=False).toposort()
                 with self.stages.measure("export"):
-                    event.after = graph_to_model(graph, state.model)
+                    event.after = graph_to_model(graph, state.model, result.metadata)
             for hook in self.hooks:
                 hook.after_pass(event)
         except Exception as exc:
@@ -222,7 +214,7 @@ class PassManager:
             if not self._shared_steps(group, shared, state, ctx, iteration=0):
                 return False
             with self.stages.measure("export"):
-                model = graph_to_model(shared.graph, start_model)
+                model = graph_to_model(shared.graph, start_model, shared.metadata)
             self._verify_group(model, state.records[first_record:])
         except Exception as exc:  # a pass raised, or the group's model fails: find the pass
             changed = [r.spec for r in state.records[first_record:] if r.changed]
@@ -240,14 +232,7 @@ class PassManager:
         changed_any = False
         for step in steps:
             if isinstance(step, FixedPoint):
-                for i in range(step.max_iterations):
-                    if not self._shared_steps(step.steps, shared, state, ctx, iteration=i):
-                        break
-                    changed_any = True
-                else:
-                    state.warnings.append(
-                        f"fixpoint({format_pipeline(step.steps)}) did not converge in {step.max_iterations} rounds"
-                    )
+                changed_any |= _fixpoint(step, state, lambda i: self._shared_steps(step.steps, shared, state, ctx, i))
             else:
                 changed_any |= self._shared_pass(step, shared, state, ctx, iteration)
         return changed_any
@@ -266,17 +251,17 @@ class PassManager:
             result = PassResult(False)
         else:
             graph = shared.graph
+            ctx.model_metadata = dict(shared.metadata)
             with self.stages.measure("passes"):
                 result = p.run(graph, ctx)
         if not isinstance(result, PassResult):
             raise TypeError(f"{type(p).__name__}.run must return a PassResult, got {type(result).__name__}")
-        record.changed = result.changed
-        record.stats = dict(result.stats)
-        record.details = dict(result.details)
+        record.take(result)
         if result.changed:
             with self.stages.measure("cleanup"):
                 shared.graph.cleanup(remove_unused_graph_inputs=False).toposort()
             shared.touch()
+            shared.metadata.update(result.metadata)
             record.after = shared.stats()
             record.verification = "pending"  # set once the group's model is checked
         else:
@@ -306,6 +291,15 @@ class PassManager:
         changed[-1].outputs = verdict.metrics
 
 
+def _fixpoint(step: FixedPoint, state: _RunState, run_round) -> bool:
+    """Run ``run_round(iteration)`` until a round changes nothing; whether any round changed."""
+    for i in range(step.max_iterations):
+        if not run_round(i):
+            return i > 0
+    state.warnings.append(f"fixpoint({format_pipeline(step.steps)}) did not converge in {step.max_iterations} rounds")
+    return True
+
+
 def _batchable(step: Step) -> bool:
     """Lossless steps with the default tolerance and no calibration share a graph and one check."""
     from optimizer.pipeline import iter_passes
@@ -330,6 +324,7 @@ class _SharedGraph:
         self._base_weights: tuple[int, int, int] | None = None
         self.version = 0  # bumped on every change
         self.idle: dict[int, int] = {}  # id(pass) -> the version it last ran on without a change
+        self.metadata = metadata_props(model)  # updated by the group's passes' PassResult.metadata
 
     @property
     def graph(self) -> gs.Graph:

@@ -12,6 +12,8 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from optimizer.errors import OptionError
+
 log = logging.getLogger(__name__)
 
 
@@ -50,12 +52,18 @@ EXACT = Tolerance(noise_multiple=10.0, ceiling_rel=1e-3)
 
 @dataclass
 class PassResult:
-    """What a pass did: whether it changed the graph, counts for the report, and optional
-    structured ``details`` (JSON-serializable: per-tensor ranges, per-layer sensitivity ...)."""
+    """What a pass did: whether it changed the graph, counts for the report, ``skipped``: the sites
+    it refused by reason in words (``passes.skips.Skips``; reported as ``skipped_<reason>`` stats),
+    optional structured ``details`` (JSON-serializable: per-tensor ranges, per-layer sensitivity
+    ...), and ``metadata``: entries for the exported model's ``metadata_props`` (a graph has none),
+    which the manager writes when it accepts the change and shows later passes in
+    ``PassContext.model_metadata``."""
 
     changed: bool
     stats: dict[str, int | float] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -91,6 +99,9 @@ class PassContext:
     metric: Callable[..., float] | None = None
     executor: Any = None  # a calibration.executor.Executor (the kernel does not import calibration)
     calib_batch_size: int | None = None
+    #: Set by the manager before each pass: the model's ``metadata_props`` as that pass sees them
+    #: (the input model's, updated by the ``PassResult.metadata`` of the passes before it).
+    model_metadata: dict[str, str] = field(default_factory=dict)
 
     def progress_bar(self, description: str, total: int | None = None) -> Callable[..., None]:
         """A progress callback; a no-op when nobody listens."""
@@ -103,8 +114,10 @@ class Pass:
     """Base class of every pass.
 
     Subclasses are dataclasses: their fields are the pass options, so ``prune(ratio=0.3)`` in a text
-    pipeline and ``Prune(ratio=0.3)`` in Python mean the same thing. ``run`` mutates the graph in
-    place and returns a ``PassResult``; the manager cleans up, sorts and verifies afterwards.
+    pipeline and ``Prune(ratio=0.3)`` in Python mean the same thing. The built-in passes are frozen
+    (``@dataclass(frozen=True)``): options are checked once, in ``__post_init__``, and changed only
+    through ``dataclasses.replace``, which checks them again. ``run`` mutates the graph in place and
+    returns a ``PassResult``; the manager cleans up, sorts and verifies afterwards.
     """
 
     name: ClassVar[str] = ""
@@ -137,6 +150,16 @@ class Pass:
         accuracy budget: the driver returns the pass's noisiest layers to float until every float
         output keeps it (``optimizer.budget``, tunable passes only). None: no floor."""
         return None
+
+    def option_error(self, message: str) -> OptionError:
+        """The error an option check in ``__post_init__`` raises: it names the pass, and the CLI
+        prints it as one line and exits 2."""
+        return OptionError(f"bad options for pass '{self.name}': {message}")
+
+    def _normalize(self, **values: Any) -> None:
+        """Store validated option values in their canonical form (``__post_init__`` of a frozen pass)."""
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
 
     # -- options ---------------------------------------------------------------------------
     @classmethod
@@ -197,7 +220,7 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     if not (isinstance(cls, type) and issubclass(cls, Pass)):
         raise TypeError(f"register_pass expects a Pass subclass, got {cls!r}")
     if not dataclasses.is_dataclass(cls):
-        cls = dataclasses.dataclass(cls)
+        cls = dataclasses.dataclass(frozen=True)(cls)
     name = cls.name
     if not _NAME.match(name or ""):
         raise ValueError(f"pass {cls.__qualname__} needs a kebab-case `name` (e.g. 'fold-my-op'), got {name!r}")

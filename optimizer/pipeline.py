@@ -19,7 +19,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
-from optimizer.errors import PipelineError
+from optimizer.errors import OptionError, PipelineError
 from optimizer.pass_base import Pass, format_pass
 from optimizer.registry import available_passes, get_pass_class
 
@@ -148,12 +148,14 @@ def make_pass(cls: type[Pass], options: dict[str, Any], *, from_text: bool = Fal
             close = difflib.get_close_matches(key, fields, n=1)
             known = ", ".join(fields) or "none"
             hint = f"; did you mean '{close[0]}'?" if close else f"; its options: {known}"
-            raise PipelineError(f"pass '{cls.name}' has no option '{key}'{hint}")
+            raise OptionError(f"pass '{cls.name}' has no option '{key}'{hint}")
         kwargs[key] = _convert(raw, hints.get(key, str), cls.name, key) if from_text else raw
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise PipelineError(f"bad options for pass '{cls.name}': {exc}") from None
+    except OptionError:
+        raise
+    except (TypeError, ValueError) as exc:  # a plugin's own check, or an argument of the wrong kind
+        raise OptionError(f"bad options for pass '{cls.name}': {exc}") from None
 
 
 def _convert(raw: str, kind: Any, pass_name: str, key: str) -> Any:
@@ -167,17 +169,17 @@ def _convert(raw: str, kind: Any, pass_name: str, key: str) -> Any:
         for candidate in non_none:
             try:
                 return _convert(raw, candidate, pass_name, key)
-            except PipelineError:
+            except PipelineError:  # an option of another type, or a list that does not parse
                 continue
-        raise PipelineError(f"{where}: cannot read {raw!r} as {kind}")
+        raise OptionError(f"{where}: cannot read {raw!r} as {kind}")
     value = _unquote(raw)
     if origin is Literal:
         if value not in args:
-            raise PipelineError(f"{where} must be one of {', '.join(map(str, args))}; got {raw!r}")
+            raise OptionError(f"{where} must be one of {', '.join(map(str, args))}; got {raw!r}")
         return value
     if origin in (list, tuple):
         if not (raw.startswith("[") and raw.endswith("]")):
-            raise PipelineError(f"{where} expects a list like [a, b]; got {raw!r}")
+            raise OptionError(f"{where} expects a list like [a, b]; got {raw!r}")
         inner = raw[1:-1].strip()
         items = _split_top(inner, where) if inner else []
         item_type = args[0] if args else str
@@ -196,7 +198,7 @@ def _convert(raw: str, kind: Any, pass_name: str, key: str) -> Any:
         if kind is float:
             return float(value)
     except ValueError:
-        raise PipelineError(f"{where} expects {kind.__name__}; got {raw!r}") from None
+        raise OptionError(f"{where} expects {kind.__name__}; got {raw!r}") from None
     return value
 
 

@@ -14,6 +14,7 @@ from collections import Counter
 import onnx
 from onnx import TensorProto
 
+from optimizer.events import skip_reasons
 from optimizer.stats import stored_tensors, tensor_elements_and_bytes
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -89,6 +90,6 @@ def precision_warnings(records) -> list[str]:
         flag = getattr(cls, "precision_flag", None)
         if not flag or record.changed or record.rolled_back:  # rolled back passes are reported as such
             continue
-        reasons = ", ".join(f"{k[len('skipped_'):]} ({v})" for k, v in record.stats.items() if k.startswith("skipped_") and v)
+        reasons = ", ".join(f"{k} ({v})" for k, v in skip_reasons(record.stats).items())
         lines.append(f"{record.name} (--{flag}) changed nothing" + (f": {reasons}" if reasons else ""))
     return lines

@@ -19,7 +19,7 @@ How the quantize pass uses this module::
     ... replace the weights with DequantizeLinear(int8, scale) ...
     apply_bias_correction(graph, corrections, skipped)
 
-Skip reasons are counted in ``skipped`` (``{reason: count}``, the pass's ``skipped_<reason>``
+Skip reasons are counted in ``skipped`` (a ``passes.skips.Skips``: the pass's ``skipped_<reason>``
 stats), e.g. ``no_bias_to_correct`` for a MatMul that no constant bias Add follows.
 """
 
@@ -33,13 +33,14 @@ import onnx_graphsurgeon as gs
 
 from passes.graph_utils import constant_values, is_graph_output, unique_name
 from passes.quant_formats import quantize_weight
+from passes.skips import Skips
 
 SUPPORTED_OPS = ("Conv", "Gemm", "MatMul")
 
 
-def _count(skipped: dict[str, int] | None, reason: str) -> None:
+def _count(skipped: Skips | None, reason: str) -> None:
     if skipped is not None:
-        skipped[reason] = skipped.get(reason, 0) + 1
+        skipped.add(reason)
 
 
 def dequantized_weight_values(weight: np.ndarray, axis: int | None) -> np.ndarray:
@@ -133,7 +134,7 @@ class CorrectionTarget:
     channel_axis: int
 
 
-def correction_targets(sites, skipped: dict[str, int] | None = None) -> list[CorrectionTarget]:
+def correction_targets(sites, skipped: Skips | None = None) -> list[CorrectionTarget]:
     """Targets from the quantizer's weight ``QuantSite``s (call before the weights are rewired).
 
     Sites of other ops (ConvTranspose), Gemm with ``transA``, MatMul with a weight that is not
@@ -157,7 +158,7 @@ def correction_targets(sites, skipped: dict[str, int] | None = None) -> list[Cor
     return targets
 
 
-def mean_tensors(targets: list[CorrectionTarget], skipped: dict[str, int] | None = None) -> dict[str, int]:
+def mean_tensors(targets: list[CorrectionTarget], skipped: Skips | None = None) -> dict[str, int]:
     """``{input tensor: channel axis}`` for ``collect_channel_means``. A tensor read both as a Conv
     input (axis 1) and a Gemm/MatMul input (axis -1) keeps the first axis asked for; the others'
     corrections are then skipped by ``corrections_for`` (``channel_axis_conflict``)."""
@@ -170,7 +171,7 @@ def mean_tensors(targets: list[CorrectionTarget], skipped: dict[str, int] | None
 def corrections_for(
     targets: list[CorrectionTarget],
     means: Mapping[str, np.ndarray],
-    skipped: dict[str, int] | None = None,
+    skipped: Skips | None = None,
     axes: Mapping[str, int] | None = None,
 ) -> list[tuple[gs.Node, np.ndarray]]:
     """``(node, shift)`` for every target whose input has a mean (``no_channel_mean`` otherwise).
@@ -232,7 +233,7 @@ def _corrected(bias: np.ndarray, shift: np.ndarray) -> np.ndarray | None:
 def apply_bias_correction(
     graph: gs.Graph,
     corrections: list[tuple[gs.Node, np.ndarray]],
-    skipped: dict[str, int] | None = None,
+    skipped: Skips | None = None,
 ) -> int:
     """Add each ``shift`` (from ``bias_shift``) to its node's bias; returns how many nodes changed.
 

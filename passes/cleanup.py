@@ -82,7 +82,7 @@ def _dropout_is_identity(graph: gs.Graph, node: gs.Node) -> bool:
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class Cleanup(Pass):
     """Remove what does not contribute to the outputs.
 
@@ -237,7 +237,7 @@ def _constant_bytes(tensor: gs.Tensor) -> int:
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class FoldConstants(Pass):
     """Evaluate subgraphs whose inputs are all constant and replace them by their values.
 

@@ -19,6 +19,7 @@ from passes.graph_utils import (
     is_graph_output,
     numpy_dtype,
 )
+from passes.skips import Skips
 from passes.simplify_utils import _MAX_ROUNDS, _position, _result
 
 
@@ -61,7 +62,7 @@ def _attr_key(value, graph_mark: bool):
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class CommonSubexpressionElimination(Pass):
     """Compute each distinct value once: merge identical nodes and identical small constants::
 
@@ -93,19 +94,20 @@ class CommonSubexpressionElimination(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         counts: Counter = Counter()
+        skipped = Skips()
         for g in list(all_graphs(graph)):
-            self._dedupe_constants(g, counts)
+            self._dedupe_constants(g, counts, skipped)
             for _ in range(_MAX_ROUNDS):
                 # A merge that keeps a graph output's name renames a tensor earlier nodes read,
                 # so repeat until a round merges nothing (that round's skips are the ones reported).
-                skips: Counter = Counter()
+                skips = Skips()
                 merged = self._merge_nodes(g, skips)
                 counts["nodes_merged"] += merged
                 if not merged:
-                    counts.update(skips)
+                    skipped.merge(skips)
                     break
         changed = bool(counts["constants_deduplicated"] or counts["nodes_merged"])
-        return _result(counts, changed)
+        return _result(counts, changed, skipped)
 
     def _constant_key(self, tensor: gs.Constant, cache: dict[int, tuple | None]) -> tuple | None:
         key = cache.get(id(tensor), ())
@@ -122,7 +124,7 @@ class CommonSubexpressionElimination(Pass):
         cache[id(tensor)] = key
         return key
 
-    def _dedupe_constants(self, g: gs.Graph, counts: Counter) -> None:
+    def _dedupe_constants(self, g: gs.Graph, counts: Counter, skips: Skips) -> None:
         interface = {id(t) for t in list(g.inputs) + list(g.outputs)}
         canonical: dict[tuple, gs.Constant] = {}
         qdq_keys: dict[tuple, int] = {}  # content -> the first Q/DQ input tensor with it
@@ -138,7 +140,7 @@ class CommonSubexpressionElimination(Pass):
                 if node.op in QDQ_OPS:  # leave Q/DQ inputs exactly as the quantizer wrote them
                     first = qdq_keys.setdefault(key, id(t))
                     if first != id(t) or (key in canonical and canonical[key] is not t):
-                        counts["skipped_qdq"] += 1
+                        skips.add("qdq")
                     continue
                 keep = canonical.setdefault(key, t)
                 if keep is not t:
@@ -146,7 +148,7 @@ class CommonSubexpressionElimination(Pass):
                     replaced.add(id(t))
         counts["constants_deduplicated"] += len(replaced)
 
-    def _merge_nodes(self, g: gs.Graph, counts: Counter) -> int:
+    def _merge_nodes(self, g: gs.Graph, skips: Skips) -> int:
         """One sweep in topological order; returns the number of nodes merged away."""
         merged = 0
         seen: dict[tuple, gs.Node] = {}
@@ -161,7 +163,7 @@ class CommonSubexpressionElimination(Pass):
                 continue
             if reason:
                 if key in refused:
-                    counts[f"skipped_{reason}"] += 1
+                    skips.add(reason)
                 refused.add(key)
                 continue
             keep = seen.setdefault(key, node)
@@ -170,7 +172,7 @@ class CommonSubexpressionElimination(Pass):
             if _merge_into(g, keep, node):
                 merged += 1
             else:
-                counts["skipped_graph_outputs"] += 1
+                skips.add("graph_outputs")
         return merged
 
 

@@ -24,13 +24,14 @@ from passes.graph_utils import (
 )
 from passes.inference_model import infer
 from passes.symbolic_shapes import fold_symbolic_targets
+from passes.skips import Skips
 from passes.simplify_utils import _Names, _position, _result, _shape, _slice_inputs, _static
 
 log = logging.getLogger(__name__)
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class FoldShapes(Pass):
     """Replace shape computations with constants where the shapes are static::
 
@@ -91,7 +92,8 @@ class FoldShapes(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         counts: Counter = Counter()
-        given = self._given_shapes(graph, ctx, counts) if self.use_input_shapes else {}
+        skips = Skips()
+        given = self._given_shapes(graph, ctx, skips) if self.use_input_shapes else {}
         types, symbols = infer(graph, given)
         model_only, symbols = infer(graph) if given else (types, symbols)
         names = _Names(graph)
@@ -125,10 +127,10 @@ class FoldShapes(Pass):
                     folded.append(_replace_with_constant(g, out, value, names, local))
                     counts["shapes_folded"] += 1
                 elif live or is_graph_output(g, out):
-                    counts["skipped_dynamic"] += 1
+                    skips.add("dynamic")
             if folded:
                 changed = True
-                self._fold_downstream(g, folded, types, names, counts)
+                self._fold_downstream(g, folded, types, names, counts, skips)
         if self.symbolic:
             if changed:  # the static folds changed the graph: infer its symbols again
                 graph.cleanup(remove_unused_graph_inputs=False).toposort()
@@ -141,9 +143,9 @@ class FoldShapes(Pass):
                 if inp.name in given:
                     inp.shape = list(given[inp.name])
                     counts["inputs_made_static"] += 1
-        return _result(counts, changed)
+        return _result(counts, changed, skips)
 
-    def _given_shapes(self, graph: gs.Graph, ctx: PassContext, counts: Counter) -> dict[str, tuple[int, ...]]:
+    def _given_shapes(self, graph: gs.Graph, ctx: PassContext, skips: Skips) -> dict[str, tuple[int, ...]]:
         """The ``--shapes`` of dynamic graph inputs that agree with the model and the verification data."""
         usable = {}
         for inp in graph.inputs:
@@ -163,12 +165,13 @@ class FoldShapes(Pass):
                 or (reference is not None and tuple(np.shape(reference)) != shape)
             ):
                 log.info("fold-shapes: not using the given shape %s of input '%s'", shape, inp.name)
-                counts["skipped_input_shapes"] += 1
+                skips.add("input_shapes")
                 continue
             usable[inp.name] = shape
         return usable
 
-    def _fold_downstream(self, g: gs.Graph, folded: list[gs.Tensor], types, names: _Names, counts: Counter) -> None:
+    def _fold_downstream(self, g: gs.Graph, folded: list[gs.Tensor], types, names: _Names, counts: Counter,
+                         skips: Skips) -> None:
         """Evaluate the small computations that depend only on ``folded`` and other constants."""
         derived = {id(t) for t in folded}
         nodes: list[gs.Node] = []
@@ -199,7 +202,7 @@ class FoldShapes(Pass):
         for t in frontier:
             value = evaluate_constant_expression(t, g.opset or 13, self.max_bytes)
             if value is None:
-                counts["skipped_unevaluable"] += 1
+                skips.add("unevaluable")
                 continue
             _replace_with_constant(g, t, value, names, local)
             counts["tensors_folded"] += 1

@@ -11,13 +11,12 @@ import onnx_graphsurgeon as gs
 
 from optimizer.pass_base import Pass, PassContext, PassResult
 from optimizer.pass_base import register_pass
-from passes.graph_utils import all_graphs, constant_values, is_default_domain
+from passes.graph_utils import all_graphs, constant_values, detach, is_default_domain
 from passes.match import producer
+from passes.skips import Skips
 from passes.pattern_utils import (
     FUSABLE_FLOAT_TYPES,
     _close,
-    _Counts,
-    _disconnect,
     _fits_rank,
     _node_name,
     _other_input,
@@ -119,7 +118,7 @@ def _cube(w: gs.Tensor, x: gs.Tensor):
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class FuseGelu(Pass):
     """Fuse a decomposed GELU into one Gelu node (opset >= 20). The erf form::
 
@@ -158,19 +157,21 @@ class FuseGelu(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         opset = graph.opset or ctx.opset  # the graph's own: upgrade-opset may have raised it
-        counts = _Counts()
+        fused, skips = {"fused_erf": 0, "fused_tanh": 0}, Skips()
         shapes = _Shapes(graph, ctx.input_shapes)
         for g in all_graphs(graph):
             for node in list(g.nodes):
                 if node.op in ("Erf", "Tanh") and is_default_domain(node) and node.inputs:
                     match = self._match_erf(node) if node.op == "Erf" else self._match_tanh(node)
                     if match is not None:
-                        counts.add(self._fuse(g, match, opset, shapes))
-        result = counts.result(("fused_erf", "fused_tanh"))
-        if result.changed:
-            log.info("fuse-gelu: fused %d erf and %d tanh Gelu(s)",
-                     result.stats["fused_erf"], result.stats["fused_tanh"])
-        return result
+                        outcome = self._fuse(g, match, opset, shapes)
+                        if outcome in fused:
+                            fused[outcome] += 1
+                        else:
+                            skips.add(outcome)
+        if any(fused.values()):
+            log.info("fuse-gelu: fused %d erf and %d tanh Gelu(s)", fused["fused_erf"], fused["fused_tanh"])
+        return PassResult(changed=any(fused.values()), stats=fused, skipped=skips)
 
     @staticmethod
     def _match_erf(erf: gs.Node) -> _GeluMatch | None:
@@ -238,23 +239,23 @@ class FuseGelu(Pass):
 
     @staticmethod
     def _fuse(g: gs.Graph, m: _GeluMatch, opset: int, shapes: _Shapes) -> str:
-        """Replace the matched nodes by one Gelu; return the stats key."""
+        """Replace the matched nodes by one Gelu; return its stats key, or why the site is refused."""
         if not all(_close(value, target) for value, target in m.constants):
-            return "skipped_constants"
+            return "constants"
         if opset < GELU_MIN_OPSET:
-            return "skipped_opset"
+            return "opset"
         dtype = m.half.dtype
         if dtype.type not in FUSABLE_FLOAT_TYPES or (m.x.dtype is not None and np.dtype(m.x.dtype) != dtype):
-            return "skipped_dtype"
+            return "dtype"
         if any(v.ndim for v, _ in m.constants):  # a [1]-shaped constant must not raise the rank
             rank = shapes.rank(m.x, m.output)
             if not all(_fits_rank(v, rank) for v, _ in m.constants):
-                return "skipped_constants"
+                return "constants"
         if not _sole_readers(g, m.inner):
-            return "skipped_intermediate_shared"
+            return "intermediate_shared"
         erf = m.anchor.op == "Erf"
         y = m.output
-        _disconnect(m.nodes)
+        detach(*m.nodes)
         g.nodes.append(gs.Node(
             "Gelu", name=_node_name(g, m.anchor.name, "Gelu"),
             attrs={"approximate": "none" if erf else "tanh"}, inputs=[m.x], outputs=[y],

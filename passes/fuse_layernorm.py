@@ -10,12 +10,11 @@ import onnx_graphsurgeon as gs
 
 from optimizer.pass_base import Pass, PassContext, PassResult
 from optimizer.pass_base import register_pass
-from passes.graph_utils import all_graphs, constant_values, is_default_domain, only_consumer, unique_name
+from passes.graph_utils import all_graphs, constant_values, detach, is_default_domain, only_consumer, unique_name
 from passes.match import match_chain
+from passes.skips import Skips
 from passes.pattern_utils import (
     FUSABLE_FLOAT_TYPES,
-    _Counts,
-    _disconnect,
     _fits_rank,
     _node_name,
     _other_input,
@@ -88,7 +87,7 @@ class _Affine:
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class FuseLayerNorm(Pass):
     """Fuse a decomposed layer normalization into one LayerNormalization node (opset >= 17)::
 
@@ -145,21 +144,22 @@ class FuseLayerNorm(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         opset = graph.opset or ctx.opset  # the graph's own: upgrade-opset may have raised it
-        counts = _Counts()
+        stats, skips = {"fused": 0}, Skips()
         shapes = _Shapes(graph, ctx.input_shapes)
         for g in all_graphs(graph):
             for node in list(g.nodes):
                 if node.op in ("Div", "Mul") and is_default_domain(node):
-                    outcome = self._fuse(g, node, opset, counts, shapes)
-                    if outcome is not None:
-                        counts.add(outcome)
-        result = counts.result(("fused",))
-        if result.changed:
-            log.info("fuse-layernorm: fused %d LayerNormalization(s)", result.stats["fused"])
-        return result
+                    outcome = self._fuse(g, node, opset, stats, shapes)
+                    if outcome == "fused":
+                        stats["fused"] += 1
+                    elif outcome is not None:
+                        skips.add(outcome)
+        if stats["fused"]:
+            log.info("fuse-layernorm: fused %d LayerNormalization(s)", stats["fused"])
+        return PassResult(changed=stats["fused"] > 0, stats=stats, skipped=skips)
 
-    def _fuse(self, g: gs.Graph, anchor: gs.Node, opset: int, counts: _Counts, shapes: _Shapes) -> str | None:
-        """Fuse the LayerNorm ending at ``anchor``: "fused", "skipped_<why>", or None (no LayerNorm)."""
+    def _fuse(self, g: gs.Graph, anchor: gs.Node, opset: int, stats: dict, shapes: _Shapes) -> str | None:
+        """Fuse the LayerNorm ending at ``anchor``: "fused", why it is refused, or None (no LayerNorm)."""
         tail = ["Sqrt", "Add", "ReduceMean", (("Pow", "Mul"), 0), ("Sub", 0), ("ReduceMean", 1)]
         if anchor.op == "Div":
             chain = match_chain(anchor, ["Div", ("Sqrt", 1)] + tail[1:])
@@ -173,31 +173,31 @@ class FuseLayerNorm(Pass):
         x, mean, d = rm1.inputs[0], rm1.outputs[0], sub.outputs[0]
         std = (recip or sqrt).outputs[0]
         if sub.inputs[0] is not x or sub.inputs[1] is not mean or _other_input(div, std) is not d:
-            return "skipped_mismatched_input"
+            return "mismatched_input"
         if square.op == "Pow":
             exponent = _scalar(square.inputs[1])
             if square.inputs[0] is not d or exponent is None or float(exponent.reshape(-1)[0]) != 2.0:
-                return "skipped_exponent"
+                return "exponent"
         elif square.inputs[0] is not d or square.inputs[1] is not d:
-            return "skipped_exponent"
+            return "exponent"
         if opset < LAYERNORM_MIN_OPSET:
-            return "skipped_opset"
+            return "opset"
 
         rank = shapes.rank(x, d, div.outputs[0])
         axes = _negative_axes(_reduce_axes(rm1), rank)
         if axes is None or axes != _negative_axes(_reduce_axes(rm2), rank) or axes != tuple(range(-len(axes), 0)):
-            return "skipped_axes"  # not the same trailing axes in both reductions
+            return "axes"  # not the same trailing axes in both reductions
         k = len(axes)
         if rm1.attrs.get("keepdims", 1) != 1 or rm2.attrs.get("keepdims", 1) != 1:
-            return "skipped_keepdims"
+            return "keepdims"
         var = rm2.outputs[0]
         eps_tensor = _other_input(add_eps, var)
         eps = _scalar(eps_tensor) if eps_tensor is not None else None
         if eps is None or not _fits_rank(eps, rank):
-            return "skipped_epsilon"
+            return "epsilon"
         dtype = eps.dtype
         if dtype.type not in FUSABLE_FLOAT_TYPES or (x.dtype is not None and np.dtype(x.dtype) != dtype):
-            return "skipped_dtype"
+            return "dtype"
         square_readers = [square, square] if square.op == "Mul" else [square]
         inner = [
             (mean, [sub]),
@@ -208,7 +208,7 @@ class FuseLayerNorm(Pass):
             (sqrt.outputs[0], [recip or div]),
         ] + ([(recip.outputs[0], [div])] if recip else [])
         if not _sole_readers(g, inner):
-            return "skipped_intermediate_shared"
+            return "intermediate_shared"
 
         norm = _normalized_shape(k, shapes, x, d, div.outputs[0])
         affine = self._affine(g, div, dtype, k, rank, norm)
@@ -222,13 +222,13 @@ class FuseLayerNorm(Pass):
         inputs = [x, scale]
         if affine.beta is not None:
             inputs.append(self._param(g, *affine.beta, f"{rm1.name or 'layernorm'}_bias"))
-        _disconnect([rm1, sub, square, rm2, add_eps, sqrt, div] + ([recip] if recip else []) + affine.nodes)
+        detach(rm1, sub, square, rm2, add_eps, sqrt, div, *([recip] if recip else []), *affine.nodes)
         g.nodes.append(gs.Node(
             "LayerNormalization", name=_node_name(g, rm1.name, "LayerNormalization"),
             attrs={"axis": -k, "epsilon": float(eps.reshape(-1)[0])}, inputs=inputs, outputs=[y],
         ))
-        for _ in range(affine.left_outside):
-            counts.add("affine_left_outside")
+        if affine.left_outside:
+            stats["affine_left_outside"] = stats.get("affine_left_outside", 0) + affine.left_outside
         return "fused"
 
     @staticmethod

@@ -18,6 +18,7 @@ from passes.graph_utils import (
     FLOAT_TYPES,
     all_graphs,
     constant_values,
+    detach,
     evaluate_constant_expression,
     infer_tensor_types,
     is_constant_expression,
@@ -27,23 +28,9 @@ from passes.graph_utils import (
     unique_name,
 )
 from passes.match import producer
+from passes.skips import Skips
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-
-class _Skips:
-    """Counts of skipped sites by reason, reported as ``skipped_<reason>``."""
-
-    def __init__(self):
-        self.counts: dict[str, int] = {}
-
-    def add(self, reason: str) -> None:
-        self.counts[reason] = self.counts.get(reason, 0) + 1
-
-    def stats(self, **done: int) -> dict[str, int | float]:
-        out: dict[str, int | float] = dict(done)
-        out.update({f"skipped_{k}": v for k, v in sorted(self.counts.items())})
-        return out
 
 
 # -- the shared fold ---------------------------------------------------------------------------
@@ -166,11 +153,6 @@ def fold_channel_affine(
     return ""
 
 
-def _detach(node: gs.Node) -> None:
-    node.inputs.clear()
-    node.outputs.clear()
-
-
 def _bn_scale_shift(bn: gs.Node, opset: int) -> tuple[np.ndarray, np.ndarray, np.dtype] | None:
     """Per-channel (scale, shift) of an inference BatchNormalization in float64, and the dtype of
     its parameters; None when they are not constant."""
@@ -190,7 +172,7 @@ def _bn_is_inference(g: gs.Graph, bn: gs.Node) -> bool:
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class FuseConvBatchNorm(Pass):
     """Fold an inference-mode BatchNormalization into the weighted layer that feeds it::
 
@@ -239,7 +221,7 @@ class FuseConvBatchNorm(Pass):
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class BatchNormToAffine(Pass):
     """Rewrite an inference BatchNormalization with no foldable producer as a per-channel Mul+Add::
 
@@ -257,7 +239,7 @@ class BatchNormToAffine(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         converted = 0
-        skips = _Skips()
+        skips = Skips()
         shapes = None
         for g in all_graphs(graph):
             for bn in list(g.nodes):
@@ -285,11 +267,11 @@ class BatchNormToAffine(Pass):
                 t = gs.Constant(unique_name(g, f"{bn.name or 'bn'}_shift"), affine[1].reshape(layout).astype(dtype))
                 mid = gs.Variable(unique_name(g, f"{bn.name or 'bn'}_scaled"), dtype=dtype, shape=x.shape)
                 y = bn.outputs[0]
-                _detach(bn)
+                detach(bn)
                 g.nodes.append(gs.Node("Mul", name=unique_name(g, f"{bn.name or 'bn'}_mul"), inputs=[x, s], outputs=[mid]))
                 g.nodes.append(gs.Node("Add", name=unique_name(g, f"{bn.name or 'bn'}_add"), inputs=[mid, t], outputs=[y]))
                 converted += 1
-        return PassResult(changed=converted > 0, stats=skips.stats(converted=converted))
+        return PassResult(changed=converted > 0, stats={"converted": converted}, skipped=skips)
 
 
 def _layer_output_rank(layer: gs.Node, info) -> int | None:
@@ -332,7 +314,7 @@ def _rewrite_sites(graph: gs.Graph, ops: tuple[str, ...], rewrite, counter: str,
     """Call ``rewrite(g, node, info)`` on every default-domain node of type ``ops`` (in the graph and
     its subgraphs); it returns "" when it rewrote the site, a skip reason, or None to ignore it."""
     done = 0
-    skips = _Skips()
+    skips = Skips()
     info = _LazyInfo(graph)
     for g in all_graphs(graph):
         for node in list(g.nodes):
@@ -345,12 +327,12 @@ def _rewrite_sites(graph: gs.Graph, ops: tuple[str, ...], rewrite, counter: str,
                 skips.add(reason)
             else:
                 done += 1
-    return PassResult(changed=done > 0, stats=skips.stats(**{counter: done}))
+    return PassResult(changed=done > 0, stats={counter: done}, skipped=skips)
 
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class FuseAffine(Pass):
     """Fold a per-output-channel constant Mul/Add/Sub/Div after a weighted layer into it::
 
@@ -410,7 +392,7 @@ class FuseAffine(Pass):
             y = node.outputs[0]
             reason = fold_channel_affine(g, layer, scale, shift, y, c.dtype)
             if not reason:
-                _detach(node)
+                detach(node)
             return reason
         return None
 
@@ -421,7 +403,7 @@ def _rank(tensor: gs.Tensor, info) -> int | None:
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class FuseMatMulAdd(Pass):
     """Merge a 2-D MatMul and the Add of a bias into one Gemm::
 
@@ -461,14 +443,13 @@ class FuseMatMulAdd(Pass):
             return "not_float"
         y = add.outputs[0]
         a, b = mm.inputs[0], mm.inputs[1]
-        _detach(add)
-        _detach(mm)
+        detach(add, mm)
         g.nodes.append(gs.Node("Gemm", name=mm.name or None, inputs=[a, b, bias_t], outputs=[y]))
         return ""
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class FuseGemmTranspose(Pass):
     """Absorb a 2-D Transpose feeding a Gemm (or a 2-D MatMul) into its ``transA``/``transB``::
 
@@ -484,7 +465,7 @@ class FuseGemmTranspose(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         fused = 0
-        skips = _Skips()
+        skips = Skips()
         info = _LazyInfo(graph)
         for g in all_graphs(graph):
             for node in list(g.nodes):
@@ -510,7 +491,7 @@ class FuseGemmTranspose(Pass):
                     node.attrs[attr] = 1 - int(node.attrs.get(attr, 0))
                     node.inputs[i] = tr.inputs[0]
                     fused += 1
-        return PassResult(changed=fused > 0, stats=skips.stats(fused=fused))
+        return PassResult(changed=fused > 0, stats={"fused": fused}, skipped=skips)
 
 
 def _pad_amounts(pad: gs.Node, rank: int) -> np.ndarray | None:
@@ -551,7 +532,7 @@ def _pad_amounts(pad: gs.Node, rank: int) -> np.ndarray | None:
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class FusePad(Pass):
     """Fold a zero, constant-mode Pad on spatial axes into the Conv or pooling node after it::
 

@@ -8,7 +8,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 # The passes' toolkit re-exports the kernel's graph <-> model helpers: pass authors find them here.
-from optimizer.graph import graph_to_model, import_graph, model_metadata, set_model_metadata  # noqa: F401
+from optimizer.graph import fresh_name, graph_to_model, import_graph  # noqa: F401
 
 #: Nodes that must never be folded, merged or removed by general-purpose passes.
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
@@ -76,6 +76,13 @@ def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
     return any(t is tensor for t in graph.outputs)
 
 
+def detach(*nodes: gs.Node) -> None:
+    """Cut ``nodes`` out of the graph (no inputs, no outputs): the manager's cleanup removes them."""
+    for node in nodes:
+        node.inputs.clear()
+        node.outputs.clear()
+
+
 def only_consumer(graph: gs.Graph, tensor: gs.Tensor, node: gs.Node) -> bool:
     """True when ``node`` is the sole reader of ``tensor`` and the tensor is not a graph output."""
     return len(tensor.outputs) == 1 and tensor.outputs[0] is node and not is_graph_output(graph, tensor)
@@ -93,12 +100,7 @@ def unique_name(graph: gs.Graph, base: str) -> str:
         used = {t.name for g in all_graphs(graph) for t in g.tensors().values()}
         used |= {n.name for g in all_graphs(graph) for n in g.nodes if n.name}
         graph.__dict__["_unique_names_cache"] = used
-    name, i = base, 0
-    while name in used:
-        i += 1
-        name = f"{base}_{i}"
-    used.add(name)
-    return name
+    return fresh_name(base, used)
 
 
 def is_constant_expression(tensor: gs.Tensor, _memo: dict[int, bool] | None = None) -> bool:

@@ -16,10 +16,10 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from optimizer.pass_base import PassContext
+from passes.graph_model import calibration_source, graph_model
 from passes.graph_utils import UnionFind, constant_values
 
 log = logging.getLogger(__name__)
@@ -196,14 +196,14 @@ def check_alphas(graph: gs.Graph, candidates: dict, ctx: PassContext) -> dict:
     transformer with outlier channels a few residual channels carry most of the output, see
     ``quantize-int4``'s docstring); this check does. The candidates' runs are tasks of the run's
     executor (in-process by default)."""
-    from calibration.executor import current_settings
+    from calibration.executor import InProcessExecutor
     from calibration.sources import batch_len
     from optimizer.metrics import compare_batches
     from optimizer.runtime import OrtRunner, input_specs
     from passes.quant_search import candidate_outputs
 
-    reference_model = _graph_model(graph)
-    source = _source_for(reference_model, ctx, ctx.calibration)
+    reference_model = graph_model(graph)
+    source = calibration_source(reference_model, ctx, ctx.calibration)
     batches, samples = [], 0
     for batch in source.batches(ctx.original_inputs or input_specs(reference_model), 8):
         batches.append(batch)
@@ -212,9 +212,9 @@ def check_alphas(graph: gs.Graph, candidates: dict, ctx: PassContext) -> dict:
             break
     runner = OrtRunner(reference_model)
     reference = [runner.run(b) for b in batches]
-    executor = current_settings().executor
+    executor = ctx.executor if ctx.executor is not None else InProcessExecutor()
     batches_ref = executor.share(batches)
-    items = [(executor.share(_graph_model(build()).SerializeToString()), batches_ref, {}) for build in candidates.values()]
+    items = [(executor.share(graph_model(build()).SerializeToString()), batches_ref, {}) for build in candidates.values()]
     sqnr = {}
     for label, (outputs, _) in zip(candidates, executor.map(candidate_outputs, items, stage="awq output check")):
         values = [m.sqnr_db for m in compare_batches(reference, outputs) if m.sqnr_db is not None]
@@ -235,8 +235,8 @@ def collect_group_stats(graph: gs.Graph, groups: list[Group], ctx: PassContext, 
 
     if ctx.calibration is None:
         return None, {"fallback": "no calibration data (--calib)"}
-    model = _graph_model(graph)
-    source = _source_for(model, ctx, ctx.calibration)
+    model = graph_model(graph)
+    source = calibration_source(model, ctx, ctx.calibration)
     if source.synthetic:
         return None, {"fallback": "synthetic calibration data", "source": source.description}
     tensors = list(dict.fromkeys(t.name for g in groups for t, _ in g.inputs()))
@@ -249,22 +249,3 @@ def collect_group_stats(graph: gs.Graph, groups: list[Group], ctx: PassContext, 
                                    "tensors": len(stats), "skipped": dict(stats.skipped)}
 
 
-def _source_for(model: onnx.ModelProto, ctx: PassContext, data):
-    """Calibration data for ``model``, read in the original model's layout and adapted to it."""
-    from calibration.sources import AdaptedSource, open_source
-    from optimizer.runtime import input_specs
-
-    specs = ctx.original_inputs or input_specs(model)
-    source = open_source(data, specs, shapes=ctx.input_shapes)
-    if ctx.feed_adapter is not None and ctx.original_inputs is not None:
-        source = AdaptedSource(source, ctx.original_inputs, ctx.feed_adapter)
-    return source
-
-
-def _graph_model(graph: gs.Graph) -> onnx.ModelProto:
-    """An ONNX model of ``graph`` (a copy) for running in ONNX Runtime."""
-    from optimizer.graph import graph_to_model
-
-    template = onnx.ModelProto()
-    template.ir_version = 10
-    return graph_to_model(graph.copy(), template)

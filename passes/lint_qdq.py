@@ -17,7 +17,7 @@ def _scale_of(graph_node: gs.Node) -> np.ndarray | None:
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class LintQdq(Pass):
     """Report Q/DQ placements TensorRT cannot fuse; changes nothing.
 

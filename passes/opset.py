@@ -37,7 +37,7 @@ def default_opset(graph: gs.Graph) -> int | None:
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class UpgradeOpset(Pass):
     """Upgrade the model's default-domain opset to ``min`` with onnx's version converter::
 
@@ -72,19 +72,19 @@ class UpgradeOpset(Pass):
     def __post_init__(self):
         newest = onnx.defs.onnx_opset_version()
         if not (OLDEST_CONVERTIBLE <= int(self.min) <= newest):
-            raise ValueError(f"min must be an opset between {OLDEST_CONVERTIBLE} and {newest}; got {self.min!r}")
-        self.min = int(self.min)
+            raise self.option_error(f"min must be an opset between {OLDEST_CONVERTIBLE} and {newest}; got {self.min!r}")
+        self._normalize(min=int(self.min))
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         old = default_opset(graph)
         if old is None or old >= self.min:  # nothing to do: no export, no conversion
             return PassResult(False)
         if old < OLDEST_CONVERTIBLE:
-            return PassResult(False, stats={f"skipped_opset_below_{OLDEST_CONVERTIBLE}": 1},
+            return PassResult(False, skipped={f"opset_below_{OLDEST_CONVERTIBLE}": 1},
                               details={"reason": f"opset {old} is older than {OLDEST_CONVERTIBLE}"})
         stale = [f.name for f in graph.functions if (default_opset(f) or self.min) < self.min]
         if stale:  # the converter leaves function bodies at their opset; ONNX Runtime rejects the mix
-            return PassResult(False, stats={"skipped_model_local_functions": len(stale)},
+            return PassResult(False, skipped={"model_local_functions": len(stale)},
                               details={"reason": "the version converter does not convert model-local functions: "
                                                  + ", ".join(stale[:5])})
         try:
@@ -92,7 +92,7 @@ class UpgradeOpset(Pass):
         except Exception as exc:  # the converter's C++ errors, checker errors, protobuf limits
             reason = " ".join(str(exc).split())[:500] or type(exc).__name__
             log.info("upgrade-opset: opset %d -> %d failed: %s", old, self.min, reason)
-            return PassResult(False, stats={"skipped_converter_failed": 1},
+            return PassResult(False, skipped={"converter_failed": 1},
                               details={"reason": reason, "from": old, "to": self.min})
         replace_graph(graph, upgraded)
         return PassResult(True, stats={"upgraded_from": old}, details={"from": old, "to": self.min})
@@ -133,9 +133,7 @@ def _keep_value_info(original: onnx.ModelProto, converted: onnx.ModelProto) -> N
 def replace_graph(graph: gs.Graph, new: gs.Graph) -> None:
     """Make ``graph`` (the object the manager holds) the converted ``new`` one, in place: nodes,
     inputs, outputs, opset, domain imports, model-local functions and every other attribute
-    graphsurgeon keeps, so that ``gs.export_onnx(graph)`` writes the new opset. Metadata requested
-    by earlier code on ``graph`` is kept; caches of tensor names are dropped."""
-    keep = {k: v for k, v in graph.__dict__.items() if k == "_model_metadata"}
+    graphsurgeon keeps, so that ``gs.export_onnx(graph)`` writes the new opset. Caches of tensor
+    names are dropped."""
     graph.__dict__.pop("_unique_names_cache", None)
     graph.__dict__.update(new.__dict__)
-    graph.__dict__.update(keep)

@@ -1,6 +1,6 @@
 """Helpers shared by the fusions that recognize decomposed subgraphs (``fuse-layernorm``,
 ``fuse-gelu``): one-value constants and their tolerance, operands and readers, lazily inferred
-shapes, the sole-reader check a rewrite needs, and the counts of fused and skipped sites.
+shapes and the sole-reader check a rewrite needs.
 
 Exporters (torch's legacy exporter with hand-written modules, tf2onnx, older opsets) spell these
 layers out op by op. TensorRT and ONNX Runtime have fast kernels for ``LayerNormalization``
@@ -15,7 +15,6 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from optimizer.pass_base import PassResult
 from passes.graph_utils import constant_values, infer_tensor_types, is_default_domain, unique_name
 
 #: Float types the fused ops are emitted in: ONNX Runtime's fused Gelu and LayerNormalization
@@ -104,24 +103,3 @@ def _sole_readers(graph: gs.Graph, pairs: list[tuple[gs.Tensor, list[gs.Node]]])
         if sorted(id(n) for n in tensor.outputs) != sorted(id(n) for n in expected):
             return False
     return True
-
-
-def _disconnect(nodes: list[gs.Node]) -> None:
-    for node in nodes:
-        node.outputs.clear()
-        node.inputs.clear()
-
-
-class _Counts:
-    """Fusions and skipped sites by reason, reported as ``skipped_<reason>``."""
-
-    def __init__(self) -> None:
-        self.stats: dict[str, int] = {}
-
-    def add(self, key: str) -> None:
-        self.stats[key] = self.stats.get(key, 0) + 1
-
-    def result(self, fused_keys: tuple[str, ...]) -> PassResult:
-        stats = {k: self.stats.get(k, 0) for k in fused_keys}
-        stats.update({k: v for k, v in sorted(self.stats.items()) if k not in fused_keys})
-        return PassResult(changed=any(stats[k] for k in fused_keys), stats=stats)

@@ -184,7 +184,7 @@ class _LowerPrecision(Pass):
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class ConvertFp16(_LowerPrecision):
     """Run the model in FP16 where that is safe, keeping float32 where it is not::
 
@@ -246,7 +246,7 @@ class ConvertFp16(_LowerPrecision):
 TENSORRT_NO_BF16 = ("HardSwish", "ConvTranspose")
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class ConvertBf16(_LowerPrecision):
     """Run the model in BF16 where that is safe, keeping float32 where it is not::
 
@@ -292,8 +292,8 @@ class ConvertBf16(_LowerPrecision):
         for option in ("keep_ops", "exclude"):
             value = getattr(self, option)
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-                raise ValueError(f"convert-bf16: {option} must be a list of names, got {value!r}")
-            setattr(self, option, list(value))
+                raise self.option_error(f"{option} must be a list of names, got {value!r}")
+            self._normalize(**{option: list(value)})
 
     def _op_support(self, graph: gs.Graph, node: gs.Node, dtype_of: Callable) -> str:
         why = super()._op_support(graph, node, dtype_of)

@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 from calibration.sources import batch_len
 from optimizer.errors import InputError
 from optimizer.pass_base import PassContext
+from passes.graph_model import calibration_source, graph_model
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,6 @@ def _balanced(m) -> float:
     return m.balanced_sqnr_db if m.balanced_sqnr_db is not None else m.sqnr_db
 
 
-
 #: ``method`` values of ``quantize-int8``; ``auto`` selects among ``AUTO_CANDIDATES`` end to end.
 METHOD_CHOICES = ("auto", "minmax", "percentile", "entropy", "mse", "sqnr")
 #: (label, range method, percentile) tried by ``method=auto``, in order (the first wins ties).
@@ -114,7 +114,7 @@ def calibrate(graph: gs.Graph, tensors: list[str], ctx: PassContext, method: str
     from calibration import ranges as range_methods
     from calibration.cache import load_ranges, save_ranges
 
-    model = _graph_model(graph)
+    model = graph_model(graph)
     if cache and Path(cache).is_file():
         cached = load_ranges(cache, model)  # refuses a cache made for another graph structure
         if all(t in cached for t in tensors):
@@ -122,7 +122,7 @@ def calibrate(graph: gs.Graph, tensors: list[str], ctx: PassContext, method: str
                           "sqnr_db": _round(cached[t].sqnr_db)} for t in tensors}
             info = {"source": f"range cache {cache}", "synthetic": False, "samples": 0, "method": "cache", "skipped": {}}
             return {"cache": result}, info
-    source = _source_for(model, ctx, ctx.calibration)
+    source = calibration_source(model, ctx, ctx.calibration)
     stats = collect.collect_statistics(model, tensors, source, ctx.calib_batch_size, progress=ctx.progress,
                                        executor=ctx.executor)
     plan = auto_candidates if method == "auto" else ((method, method, percentile),)
@@ -159,7 +159,7 @@ def select_method(graph: gs.Graph, scoring: Scoring, qdq: dict[str, gs.Variable]
     samples)``."""
     from calibration.executor import InProcessExecutor
 
-    quantized = _graph_model(graph)
+    quantized = graph_model(graph)
     scale_names = {name: _scale_constant(dq).name for name, dq in qdq.items()}
     executor = scoring.ctx.executor if scoring.ctx.executor is not None else InProcessExecutor()
     batches = scoring.batches
@@ -216,7 +216,7 @@ def _scoring_batches(ctx: PassContext, float_model):
         batches = [adapt(b) for b in (ctx.score_batches or ctx.verify_batches)]
         n = sum(batch_len(b) for b in batches)
         return batches, f"{n} evaluation sample(s)" if ctx.score_batches else f"{n} verification sample(s)"
-    source = _source_for(float_model, ctx, ctx.calibration)
+    source = calibration_source(float_model, ctx, ctx.calibration)
     first = next(iter(source.batches(ctx.original_inputs or input_specs(float_model), 8)), None)
     if first is None:
         raise InputError("method=auto needs samples to score candidates on; give --calib or --data")
@@ -242,11 +242,11 @@ def observe_amax(graph: gs.Graph, tensors: list[str], ctx: PassContext) -> dict[
     """Largest |value| of ``tensors`` on the calibration data (synthetic if the context has none)."""
     from calibration import collect
 
-    model = _graph_model(graph)
+    model = graph_model(graph)
     data = ctx.calibration
     if data is None and (ctx.verify_batches or ctx.reference_inputs is not None):
         data = dict(ctx.verify_batches[0] if ctx.verify_batches else ctx.reference_inputs)
-    source = _source_for(model, ctx, data)
+    source = calibration_source(model, ctx, data)
     # Without real data this is a smoke check on a few synthetic samples; keep it cheap.
     limit = None if ctx.calibration is not None else 4
     stats = collect.collect_statistics(model, tensors, source, ctx.calib_batch_size, progress=ctx.progress,
@@ -254,24 +254,3 @@ def observe_amax(graph: gs.Graph, tensors: list[str], ctx: PassContext) -> dict[
     return {name: float(st.amax) for name, st in stats.items()}
 
 
-def _source_for(model, ctx: PassContext, data):
-    """Calibration data for ``model``, read in the original model's layout and adapted to it."""
-    from calibration.sources import AdaptedSource, open_source
-    from optimizer.runtime import input_specs
-
-    specs = ctx.original_inputs or input_specs(model)
-    source = open_source(data, specs, shapes=ctx.input_shapes)
-    if ctx.feed_adapter is not None and ctx.original_inputs is not None:
-        source = AdaptedSource(source, ctx.original_inputs, ctx.feed_adapter)
-    return source
-
-
-def _graph_model(graph: gs.Graph):
-    """An ONNX model of ``graph`` (a copy) for running in ONNX Runtime."""
-    import onnx
-
-    from optimizer.graph import graph_to_model
-
-    template = onnx.ModelProto()
-    template.ir_version = 10
-    return graph_to_model(graph.copy(), template)

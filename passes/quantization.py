@@ -26,13 +26,13 @@ from passes.bias_correction import apply_bias_correction, correction_targets, co
 from passes.graph_utils import constant_values, is_default_domain, unique_name
 from passes.match import producer
 from passes.quant_formats import INT8, QuantFormat, dequantize, quantize_weight
+from passes.skips import Skips
+from passes.graph_model import calibration_source, graph_model
 from passes.quant_search import (
     AUTO_CANDIDATES,
     METHOD_CHOICES,
     Scoring,
-    _graph_model,
     _set_scale,
-    _source_for,
     calibrate,
     score_model,
     select_method,
@@ -145,14 +145,14 @@ HANDLERS: dict[str, Callable[[gs.Node, PlacementOptions, Callable[[str], None]],
 
 
 def find_sites(graph: gs.Graph, opts: PlacementOptions,
-               reasons: dict[str, str] | None = None) -> tuple[list[QuantSite], dict[str, int]]:
+               reasons: dict[str, str] | None = None) -> tuple[list[QuantSite], Skips]:
     """Walk the main graph with the handler table; subgraph bodies are left in float.
     ``reasons`` (when given) receives, per node left in float by a handler, the reason."""
-    skipped: dict[str, int] = {}
+    skipped = Skips()
     node_name = ""  # the node the handlers are looking at (read by skip)
 
     def skip(reason: str) -> None:
-        skipped[reason] = skipped.get(reason, 0) + 1
+        skipped.add(reason)
         if reasons is not None and node_name:
             reasons[node_name] = reason
 
@@ -168,12 +168,12 @@ def find_sites(graph: gs.Graph, opts: PlacementOptions,
         sites.extend(handler(node, opts, skip))
     with_bodies = sum(1 for node in graph.nodes if any(True for _ in node.subgraphs()))
     if with_bodies:
-        skipped["subgraphs_left_in_float"] = with_bodies
+        skipped.add("subgraphs_left_in_float", with_bodies)
     return sites, skipped
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class QuantizeInt8(Pass):
     """Insert INT8 Q/DQ nodes following TensorRT's placement recommendations::
 
@@ -241,9 +241,9 @@ class QuantizeInt8(Pass):
 
     def __post_init__(self):
         if self.bias_correction not in self.bias_correction_choices:
-            raise ValueError(f"bias_correction must be {' or '.join(self.bias_correction_choices)}; got {self.bias_correction!r}")
+            raise self.option_error(f"bias_correction must be {' or '.join(self.bias_correction_choices)}; got {self.bias_correction!r}")
         if self.method not in self.method_choices:
-            raise ValueError(f"method must be one of {', '.join(self.method_choices)}; got {self.method!r}")
+            raise self.option_error(f"method must be one of {', '.join(self.method_choices)}; got {self.method!r}")
 
     def placement(self) -> PlacementOptions:
         return PlacementOptions(self.min_weight_elements, self.pooling, self.residual)
@@ -252,7 +252,7 @@ class QuantizeInt8(Pass):
         fmt = self.number_format
         opset = int(graph.opset or ctx.opset or 0)
         if opset < fmt.min_opset:  # the opset whose QuantizeLinear/DequantizeLinear take this type
-            return PassResult(False, stats={f"skipped_opset_below_{fmt.min_opset}": 1})
+            return PassResult(False, skipped={f"opset_below_{fmt.min_opset}": 1})
         float_reasons: dict[str, str] = {}
         sites, skipped = find_sites(graph, self.placement(), float_reasons)
         if opset < fmt.per_channel_opset:  # no per-channel DequantizeLinear (axis) yet: per-tensor weights
@@ -260,17 +260,17 @@ class QuantizeInt8(Pass):
             for site in sites:
                 if site.kind == "weight" and site.axis is not None:
                     site.axis = None
-                    skipped[reason] = skipped.get(reason, 0) + 1
+                    skipped.add(reason)
         excluded = set(self.exclude)
         if excluded:
             kept = [s for s in sites if s.node.name not in excluded]
-            skipped["excluded"] = len({id(s.node) for s in sites if s.node.name in excluded})
+            skipped.add("excluded", len({id(s.node) for s in sites if s.node.name in excluded}))
             float_reasons.update({s.node.name: "excluded" for s in sites if s.node.name in excluded})
             sites = kept
         if not sites:
-            return PassResult(False, stats={f"skipped_{k}": v for k, v in skipped.items()})
+            return PassResult(False, skipped=skipped)
         activations = sorted({s.node.inputs[s.index].name for s in sites if s.kind == "activation"})
-        float_model = _graph_model(graph) if (self.method == "auto" or self.bias_correction == "auto") else None
+        float_model = graph_model(graph) if (self.method == "auto" or self.bias_correction == "auto") else None
         scoring = Scoring(float_model, ctx) if float_model is not None else None  # reference outputs: once
         targets = correction_targets([s for s in sites if s.kind == "weight"]) if self.bias_correction != "off" else []
         candidates, calib_info = calibrate(graph, activations, ctx, self.method, self.percentile, self.range_cache,
@@ -291,7 +291,7 @@ class QuantizeInt8(Pass):
                 layer["weight"] = tensor.name
             if site.kind == "activation":
                 if tensor.name not in ranges:
-                    skipped["no_range"] = skipped.get("no_range", 0) + 1
+                    skipped.add("no_range")
                     continue
                 if tensor.name not in qdq:
                     qdq[tensor.name] = _insert_qdq(graph, tensor, ranges[tensor.name]["scale"], fmt)
@@ -338,12 +338,11 @@ class QuantizeInt8(Pass):
             "quantized_nodes": len(quantized_nodes),
             "quantized_activations": len(qdq),
             "quantized_weights": len(weights),
-            **{f"skipped_{k}": v for k, v in sorted(skipped.items())},
         }
-        return PassResult(changed=bool(quantized_nodes), stats=stats, details=details)
+        return PassResult(changed=bool(quantized_nodes), stats=stats, skipped=skipped, details=details)
 
 
-    def _correct_biases(self, graph: gs.Graph, targets, float_model, scoring, ctx: PassContext, skipped: dict,
+    def _correct_biases(self, graph: gs.Graph, targets, float_model, scoring, ctx: PassContext, skipped: Skips,
                         reselect=None) -> dict:
         """Fold the mean shift weight quantization causes into the biases (``passes.bias_correction``);
         with ``bias_correction=auto`` keep it only if it scores better on the scoring samples --
@@ -352,8 +351,8 @@ class QuantizeInt8(Pass):
         from calibration.collect import collect_channel_means
 
         axes = mean_tensors(targets)
-        model = float_model if float_model is not None else _graph_model(graph)
-        source = _source_for(model, ctx, ctx.calibration)
+        model = float_model if float_model is not None else graph_model(graph)
+        source = calibration_source(model, ctx, ctx.calibration)
         means = collect_channel_means(model, axes, source, ctx.calib_batch_size, max_samples=BIAS_SAMPLES).means
         corrections = corrections_for(targets, means, skipped, axes)
         if not corrections:
@@ -362,7 +361,7 @@ class QuantizeInt8(Pass):
         # that node reads a new array: keep both, to undo exactly
         saved = [(node, list(node.inputs)) for node in graph.nodes]
         saved_values = [(t, t.values) for _, inputs in saved for t in inputs if isinstance(t, gs.Constant)]
-        before = score_model(_graph_model(graph), scoring) if self.bias_correction == "auto" else None
+        before = score_model(graph_model(graph), scoring) if self.bias_correction == "auto" else None
         applied = apply_bias_correction(graph, corrections, skipped)
         info = {"applied": applied, "kept": True, "mode": self.bias_correction}
         if before is not None and applied:
@@ -373,7 +372,7 @@ class QuantizeInt8(Pass):
                 before = (round(before[0], 3), round(before[1], 3))  # the table's rounding
                 info.update(chosen=chosen, candidates_on=table)
             else:
-                after = score_model(_graph_model(graph), scoring)
+                after = score_model(graph_model(graph), scoring)
             info.update(score_off=round(before[0], 3), score_on=round(after[0], 3),
                         sqnr_off=round(before[1], 3), sqnr_on=round(after[1], 3))
             if after <= before:  # no measurable gain: undo

@@ -45,7 +45,7 @@ def fp8_layer_filter(node: gs.Node, weight: np.ndarray) -> str | None:
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class QuantizeFp8(QuantizeInt8):
     """Insert FP8 (E4M3) Q/DQ nodes where TensorRT runs layers in FP8 (needs opset 19)::
 

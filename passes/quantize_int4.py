@@ -39,6 +39,7 @@ from passes.int4_awq import (
 from passes.scale_folding import apply_fold, insert_input_scale, plan_fold
 from passes.match import producer
 from passes.opset import default_opset
+from passes.skips import Skips
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +131,9 @@ def _layer_of(node: gs.Node, min_elements: int, skip) -> tuple[gs.Tensor, int] |
     return tensor, k_axis
 
 
-def find_layers(graph: gs.Graph, block_size: int, min_elements: int, exclude: set[str], skipped: dict) -> list[Layer]:
+def find_layers(graph: gs.Graph, block_size: int, min_elements: int, exclude: set[str], skipped: Skips) -> list[Layer]:
     """Quantizable MatMul/Gemm layers of the main graph (subgraph bodies stay float)."""
-
-    def skip(reason: str, n: int = 1) -> None:
-        skipped[reason] = skipped.get(reason, 0) + n
+    skip = skipped.add
 
     candidates: list[Layer] = []
     for node in graph.nodes:
@@ -168,11 +167,12 @@ def find_layers(graph: gs.Graph, block_size: int, min_elements: int, exclude: se
             layers.extend(group)
     with_bodies = sum(1 for node in graph.nodes if any(True for _ in node.subgraphs()))
     if with_bodies:
-        skipped["subgraphs_left_in_float"] = with_bodies
+        skip("subgraphs_left_in_float", with_bodies)
     return layers
 
 
-def find_embeddings(graph: gs.Graph, block_size: int, min_elements: int, exclude: set[str], skipped: dict) -> list[Embedding]:
+def find_embeddings(graph: gs.Graph, block_size: int, min_elements: int, exclude: set[str],
+                    skipped: Skips) -> list[Embedding]:
     """Constant float32 [V, D] tables read only by Gather(axis=0) nodes."""
     tables: dict[str, Embedding] = {}
     for node in graph.nodes:
@@ -198,7 +198,7 @@ def find_embeddings(graph: gs.Graph, block_size: int, min_elements: int, exclude
         elif pick_block(table.shape[1], block_size) is None:
             reason = "embedding_dim_not_multiple_of_32"
         if reason is not None:
-            skipped[f"embedding_{reason}"] = skipped.get(f"embedding_{reason}", 0) + 1
+            skipped.add(f"embedding_{reason}")
             continue
         emb.block = pick_block(table.shape[1], block_size)
         found.append(emb)
@@ -273,7 +273,7 @@ def quantize_embedding(graph: gs.Graph, emb: Embedding) -> dict:
     return quantize_weight_tensor(graph, emb.table, emb.nodes, 1, emb.block)[0]
 
 
-def rewrite_layers(graph: gs.Graph, groups: list, means: dict, details: dict, skipped: dict) -> dict[str, int]:
+def rewrite_layers(graph: gs.Graph, groups: list, means: dict, details: dict, skipped: Skips) -> dict[str, int]:
     """Apply every group's 1/s to its activations, quantize its weights (``details["weights"]``,
     ``["layers"]``, ``["groups"]`` filled) and, for the inputs in ``means``, fold the output mean
     shift into the biases. Returns the counts for the pass's stats."""
@@ -315,7 +315,7 @@ def rewrite_layers(graph: gs.Graph, groups: list, means: dict, details: dict, sk
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class QuantizeInt4(Pass):
     """Block-wise INT4 weight-only quantization of MatMul/Gemm weights (TensorRT's INT4 GEMMs)::
 
@@ -394,11 +394,11 @@ class QuantizeInt4(Pass):
 
     def __post_init__(self):
         if self.block_size not in BLOCK_CHOICES:
-            raise ValueError(f"block_size must be one of {', '.join(map(str, BLOCK_CHOICES))}; got {self.block_size!r}")
+            raise self.option_error(f"block_size must be one of {', '.join(map(str, BLOCK_CHOICES))}; got {self.block_size!r}")
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+            raise self.option_error(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
         if not isinstance(self.min_weight_elements, int) or self.min_weight_elements < 0:
-            raise ValueError(f"min_weight_elements must be an integer >= 0; got {self.min_weight_elements!r}")
+            raise self.option_error(f"min_weight_elements must be an integer >= 0; got {self.min_weight_elements!r}")
 
     def _output_check(self, graph: gs.Graph, groups: list, means: dict, ctx: PassContext) -> dict:
         """The searched alphas against alpha 0 everywhere, end to end (``int4_awq.check_alphas``); on
@@ -406,12 +406,12 @@ class QuantizeInt4(Pass):
 
         def candidate(searched: bool) -> gs.Graph:
             copy = graph.copy()  # shares the weights' arrays: the rewrite assigns new ones, never edits them
-            twins = plan_groups(find_layers(copy, self.block_size, self.min_weight_elements, set(self.exclude), {}))
+            twins = plan_groups(find_layers(copy, self.block_size, self.min_weight_elements, set(self.exclude), Skips()))
             for twin, group in zip(twins, groups, strict=True):
                 assert [t.node.name for t in twin.layers] == [g.node.name for g in group.layers], "layers differ in the copy"
                 twin.method, twin.mean_abs = group.method, group.mean_abs
                 twin.alpha, twin.scales = (group.alpha, group.scales) if searched else (0.0, None)
-            rewrite_layers(copy, twins, means, {"weights": {}, "layers": {}, "groups": []}, {})
+            rewrite_layers(copy, twins, means, {"weights": {}, "layers": {}, "groups": []}, Skips())
             return copy.cleanup().toposort()
 
         verdict = check_alphas(graph, {"searched": lambda: candidate(True), "alpha_0": lambda: candidate(False)}, ctx)
@@ -426,8 +426,8 @@ class QuantizeInt4(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         opset = default_opset(graph) or ctx.opset or 0
         if opset < INT4_OPSET:
-            return PassResult(False, stats={"skipped_opset_below_21": 1})
-        skipped: dict[str, int] = {}
+            return PassResult(False, skipped={f"opset_below_{INT4_OPSET}": 1})
+        skipped = Skips()
         exclude = set(self.exclude)
         layers = find_layers(graph, self.block_size, self.min_weight_elements, exclude, skipped)
         embeddings = []
@@ -441,7 +441,7 @@ class QuantizeInt4(Pass):
             if collected is None:
                 details["method"] = "rtn"
                 details["calibration"]["fallback"] += ": awq and bias correction fell back to plain rtn"
-                skipped["awq_fallback_to_rtn"] = 1
+                skipped.add("awq_fallback_to_rtn")
             else:
                 stats, means = collected
         if stats is not None and self.method == "awq":
@@ -461,6 +461,6 @@ class QuantizeInt4(Pass):
             "quantized_embeddings": len(details["embeddings"]),
             **counts,
             "block_size_reduced": sum(1 for layer in layers if layer.block < self.block_size),
-            **{f"skipped_{k}": v for k, v in sorted(skipped.items())},
         }
-        return PassResult(changed=bool(details["weights"] or details["embeddings"]), stats=result_stats, details=details)
+        return PassResult(changed=bool(details["weights"] or details["embeddings"]), stats=result_stats, skipped=skipped,
+                          details=details)

@@ -13,6 +13,7 @@ from optimizer.pass_base import Pass, PassContext, PassResult
 from optimizer.pass_base import register_pass
 from passes.cleanup import _bypass
 from passes.graph_utils import all_graphs, constant_values, infer_tensor_types, is_default_domain
+from passes.skips import Skips
 from passes.simplify_utils import _result, _shape, _static
 
 #: op -> (neutral element, input positions where it is neutral)
@@ -20,7 +21,7 @@ _NEUTRAL = {"Add": (0, (1, 0)), "Sub": (0, (1,)), "Mul": (1, (1, 0)), "Div": (1,
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class RemoveNoopArithmetic(Pass):
     """Remove arithmetic with a neutral constant::
 
@@ -49,6 +50,7 @@ class RemoveNoopArithmetic(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         types = infer_tensor_types(graph)
         counts: Counter = Counter()
+        skips = Skips()
         changed = False
         for g in list(all_graphs(graph)):
             for node in list(g.nodes):
@@ -56,10 +58,10 @@ class RemoveNoopArithmetic(Pass):
                     continue
                 if len(node.inputs) != 2 or len(node.outputs) != 1:
                     continue
-                changed |= self._remove(g, node, types, counts)
-        return _result(counts, changed)
+                changed |= self._remove(g, node, types, counts, skips)
+        return _result(counts, changed, skips)
 
-    def _remove(self, g: gs.Graph, node: gs.Node, types, counts: Counter) -> bool:
+    def _remove(self, g: gs.Graph, node: gs.Node, types, counts: Counter, skips: Skips) -> bool:
         neutral, sides = _NEUTRAL[node.op]
         for side in sides:
             c = constant_values(node.inputs[side])
@@ -67,7 +69,7 @@ class RemoveNoopArithmetic(Pass):
                 continue
             reason = _keeps_shape(node.inputs[1 - side], node.outputs[0], c, types)
             if reason:
-                counts[reason] += 1
+                skips.add(reason)
                 return False
             original = list(node.inputs)
             if side == 0:  # commutative op with the constant first: put x first for _bypass
@@ -87,13 +89,13 @@ def _keeps_shape(x: gs.Tensor, y: gs.Tensor, c: np.ndarray, types) -> str:
     """'' when broadcasting ``x`` with constant ``c`` gives x's shape; else why not proven."""
     xs, ys = _shape(x, types), _shape(y, types)
     if _static(xs) is not None and _static(ys) is not None:
-        return "" if xs == ys else "skipped_broadcast"
+        return "" if xs == ys else "broadcast"
     if xs is None:
-        return "skipped_unknown_shape"
+        return "unknown_shape"
     if c.ndim > len(xs):
-        return "skipped_broadcast"
+        return "broadcast"
     for cd, xd in zip(reversed(c.shape), reversed(xs)):
         if cd == 1 or cd == xd:
             continue
-        return "skipped_unknown_shape" if xd is None else "skipped_broadcast"
+        return "unknown_shape" if xd is None else "broadcast"
     return ""

@@ -22,6 +22,7 @@ from passes.graph_utils import (
     numpy_dtype,
 )
 from passes.match import producer
+from passes.skips import Skips
 from passes.simplify_utils import _MAX_ROUNDS, _Names, _result, _shape, _slice_inputs, _static
 
 #: Ops that only reinterpret the row-major element order under a new shape.
@@ -83,7 +84,7 @@ def cast_pair_is_exact(src: int, mid: int, dst: int) -> bool:
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class SimplifyLayoutOps(Pass):
     """Merge chains of layout ops and remove layout ops that do nothing.
 
@@ -124,37 +125,38 @@ class SimplifyLayoutOps(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         types = infer_tensor_types(graph)
-        self._names = _Names(graph)
+        names = _Names(graph)
         counts: Counter = Counter()
-        skips: set[tuple[str, int]] = set()  # (reason, id(node)): each site counted once
         graphs = list(all_graphs(graph))
         changed = False
         for _ in range(_MAX_ROUNDS):
-            skips = set()  # sites still skipped after the last round are the ones reported
+            # sites still skipped (or kept) after the last round are the ones reported, each once
+            skips, kept = Skips(), set()
             round_changed = False
             for g in graphs:
                 for node in list(g.nodes):
                     if node.inputs and node.outputs and is_default_domain(node):
-                        round_changed |= self._simplify(g, node, types, counts, skips)
+                        round_changed |= self._simplify(g, node, types, counts, skips, kept, names)
             changed |= round_changed
             if not round_changed:
                 break
-        counts.update(reason for reason, _ in skips)
-        return _result(counts, changed)
+        counts["kept_graph_output"] = len(kept)
+        return _result(counts, changed, skips)
 
-    def _simplify(self, g: gs.Graph, node: gs.Node, types, counts: Counter, skips: set) -> bool:
+    def _simplify(self, g: gs.Graph, node: gs.Node, types, counts: Counter, skips: Skips, kept: set[int],
+                  names: _Names) -> bool:
         changed = False
         if node.op == "Transpose":
             changed = self._merge_transposes(node, types, counts)
         elif node.op in REINTERPRET_OPS:
-            changed = self._merge_reshapes(g, node, types, counts, skips)
+            changed = self._merge_reshapes(g, node, types, counts, skips, names)
         elif node.op == "Cast":
             changed = self._merge_casts(node, types, counts, skips)
         if len(node.outputs) == 1 and self._is_identity(node, types, skips):
             if _bypass(g, node):
                 counts[f"removed_{node.op.lower()}"] += 1
                 return True
-            skips.add(("kept_graph_output", id(node)))
+            kept.add(id(node))
         return changed
 
     # merges
@@ -180,7 +182,7 @@ class SimplifyLayoutOps(Pass):
         counts["transpose_merged"] += 1
         return True
 
-    def _merge_reshapes(self, g: gs.Graph, node: gs.Node, types, counts: Counter, skips: set) -> bool:
+    def _merge_reshapes(self, g: gs.Graph, node: gs.Node, types, counts: Counter, skips: Skips, names: _Names) -> bool:
         x = node.inputs[0]
         source = x
         while True:
@@ -200,9 +202,9 @@ class SimplifyLayoutOps(Pass):
                 return True
         out = _static(_shape(node.outputs[0], types))
         if out is None or 0 in out or (g.opset or 13) < 5:
-            skips.add(("skipped_unknown_shape", id(node)))
+            skips.add("unknown_shape", site=node)
             return False
-        target = gs.Constant(self._names.new(f"{node.outputs[0].name}_shape"), np.array(out, dtype=np.int64))
+        target = gs.Constant(names.new(f"{node.outputs[0].name}_shape"), np.array(out, dtype=np.int64))
         node.op = "Reshape"
         node.attrs.clear()
         node.inputs.clear()
@@ -210,7 +212,7 @@ class SimplifyLayoutOps(Pass):
         counts["reshape_merged"] += 1
         return True
 
-    def _merge_casts(self, node: gs.Node, types, counts: Counter, skips: set) -> bool:
+    def _merge_casts(self, node: gs.Node, types, counts: Counter, skips: Skips) -> bool:
         dst = node.attrs.get("to")
         if dst is None:
             return False
@@ -222,10 +224,10 @@ class SimplifyLayoutOps(Pass):
                 break
             src = _elem_type(parent.inputs[0], types)
             if src is None:
-                skips.add(("skipped_unknown_type", id(node)))
+                skips.add("unknown_type", site=node)
                 break
             if not cast_pair_is_exact(src, int(parent.attrs.get("to", -1)), int(dst)):
-                skips.add(("skipped_lossy_cast", id(node)))
+                skips.add("lossy_cast", site=node)
                 break
             source = parent.inputs[0]
         if source is x:
@@ -235,7 +237,7 @@ class SimplifyLayoutOps(Pass):
         return True
 
     # identities
-    def _is_identity(self, node: gs.Node, types, skips: set) -> bool:
+    def _is_identity(self, node: gs.Node, types, skips: Skips) -> bool:
         op, x = node.op, node.inputs[0]
         if op == "Transpose":
             perm = _perm(node, _shape(x, types))
@@ -243,7 +245,7 @@ class SimplifyLayoutOps(Pass):
         if op == "Cast":
             src = _elem_type(x, types)
             if src is None:
-                skips.add(("skipped_unknown_type", id(node)))
+                skips.add("unknown_type", site=node)
                 return False
             return src == node.attrs.get("to")
         if op == "Concat":
@@ -268,7 +270,7 @@ class SimplifyLayoutOps(Pass):
                     return True
             before, after = _static(_shape(x, types)), _static(_shape(node.outputs[0], types))
             if before is None or after is None:
-                skips.add(("skipped_unknown_shape", id(node)))
+                skips.add("unknown_shape", site=node)
                 return False
             return before == after
         return False
@@ -282,7 +284,7 @@ def _perm(node: gs.Node, input_shape: tuple | None) -> list[int] | None:
     return None if input_shape is None else list(reversed(range(len(input_shape))))
 
 
-def _slice_is_whole(node: gs.Node, dims: tuple | None, skips: set) -> bool:
+def _slice_is_whole(node: gs.Node, dims: tuple | None, skips: Skips) -> bool:
     """True for a Slice with constant starts 0, ends past the end and steps 1 on every sliced axis."""
     if len(node.inputs) >= 3:  # opset >= 10: starts, ends, axes, steps are inputs
         values = _slice_inputs(node)
@@ -302,11 +304,11 @@ def _slice_is_whole(node: gs.Node, dims: tuple | None, skips: set) -> bool:
         if end >= _SLICE_TO_END:
             continue
         if dims is None or not -len(dims) <= axis < len(dims):
-            skips.add(("skipped_unknown_shape", id(node)))
+            skips.add("unknown_shape", site=node)
             return False
         dim = dims[axis]
         if dim is None:
-            skips.add(("skipped_unknown_shape", id(node)))
+            skips.add("unknown_shape", site=node)
             return False
         if end < dim:
             return False

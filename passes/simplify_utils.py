@@ -15,7 +15,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from optimizer.pass_base import PassResult
-from passes.graph_utils import InferredType, all_graphs, constant_values
+from passes.graph_utils import InferredType, all_graphs, constant_values, fresh_name
+from passes.skips import Skips
 
 #: Safety bound on simplification rounds inside one run (each round only ever removes work).
 _MAX_ROUNDS = 32
@@ -28,12 +29,7 @@ class _Names:
         self.used = {t.name for g in all_graphs(graph) for t in g.tensors().values()}
 
     def new(self, base: str) -> str:
-        name, i = base, 0
-        while name in self.used:
-            i += 1
-            name = f"{base}_{i}"
-        self.used.add(name)
-        return name
+        return fresh_name(base, self.used)
 
 
 def _shape(tensor: gs.Tensor, types: dict[str, InferredType]) -> tuple[int | None, ...] | None:
@@ -57,8 +53,10 @@ def _position(tensors: list[gs.Tensor], tensor: gs.Tensor) -> int:
     return next(i for i, t in enumerate(tensors) if t is tensor)
 
 
-def _result(counts: Counter, changed: bool) -> PassResult:
-    return PassResult(changed=changed, stats={k: int(v) for k, v in sorted(counts.items()) if v})
+def _result(counts: Counter, changed: bool, skips: Skips | None = None) -> PassResult:
+    """The nonzero counts as stats, and the sites refused by reason (``skips``)."""
+    return PassResult(changed=changed, stats={k: int(v) for k, v in sorted(counts.items()) if v},
+                      skipped={k: int(v) for k, v in sorted((skips or {}).items()) if v})
 
 
 def _slice_inputs(node: gs.Node) -> list[np.ndarray | None] | None:

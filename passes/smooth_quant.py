@@ -11,6 +11,7 @@ import onnx_graphsurgeon as gs
 from optimizer.pass_base import Pass, PassContext, PassResult, register_pass
 from passes.graph_utils import is_default_domain
 from passes.scale_folding import FoldPlan, apply_fold, plan_fold, weight_rows
+from passes.skips import Skips
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def _stacked(batches: list[dict]) -> dict:
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class SmoothQuant(Pass):
     """SmoothQuant: flatten activation outlier channels before INT8 by moving them into the weights::
 
@@ -145,30 +146,30 @@ class SmoothQuant(Pass):
 
     def __post_init__(self):
         if not 0.0 <= float(self.alpha) <= 1.0:
-            raise ValueError(f"alpha must be between 0 and 1, got {self.alpha}")
+            raise self.option_error(f"alpha must be between 0 and 1, got {self.alpha}")
         if int(self.min_channels) < 1:
-            raise ValueError(f"min_channels must be >= 1, got {self.min_channels}")
+            raise self.option_error(f"min_channels must be >= 1, got {self.min_channels}")
         if float(self.min_outlier_ratio) < 0:
-            raise ValueError(f"min_outlier_ratio must be >= 0, got {self.min_outlier_ratio}")
-        self.alpha = float(self.alpha)
+            raise self.option_error(f"min_outlier_ratio must be >= 0, got {self.min_outlier_ratio}")
+        self._normalize(alpha=float(self.alpha))
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        skipped: dict[str, int] = {}
+        skipped = Skips()
         refused: list[dict] = []
 
         def skip(reason: str, tensor: gs.Tensor | None = None, consumers: list[gs.Node] = ()) -> None:
-            skipped[reason] = skipped.get(reason, 0) + 1
+            skipped.add(reason)
             if tensor is not None:
                 refused.append({"tensor": tensor.name, "consumers": [c.name for c in consumers], "reason": reason})
 
         plans = self._plan(graph, skip)
         if not plans:
-            return PassResult(False, stats=_stats(skipped), details={"refused": refused})
+            return PassResult(False, skipped=skipped, details={"refused": refused})
         data, where = self._data(ctx)
         if data is None:
-            skipped["no_calibration_data"] = len(plans)
-            return PassResult(False, stats=_stats(skipped), details={"statistics": "none: no calibration data or inputs",
-                                                                     "refused": refused})
+            skipped.add("no_calibration_data", len(plans))
+            return PassResult(False, skipped=skipped, details={"statistics": "none: no calibration data or inputs",
+                                                              "refused": refused})
         stats, info = _activation_maxima(graph, [p.tensor.name for p in plans], ctx, data, where)
         sites, clipped = [], 0
         # Downstream groups first: a group's consumer weight may be the producer weight of a later
@@ -198,10 +199,9 @@ class SmoothQuant(Pass):
             "smoothed_layers": sum(len(site["consumers"]) for site in sites),
             "cloned_producers": sum(1 for site in sites if site["cloned"]),
             **({"clipped_channels": clipped} if clipped else {}),
-            **_stats(skipped),
         }
-        return PassResult(bool(sites), stats=stats_out, details={"alpha": self.alpha, "statistics": info, "sites": sites,
-                                                                      "refused": refused})
+        return PassResult(bool(sites), stats=stats_out, skipped=skipped,
+                          details={"alpha": self.alpha, "statistics": info, "sites": sites, "refused": refused})
 
     def _plan(self, graph: gs.Graph, skip) -> list[FoldPlan]:
         excluded = set(self.exclude)
@@ -240,10 +240,10 @@ class SmoothQuant(Pass):
 def _activation_maxima(graph: gs.Graph, tensors: list[str], ctx: PassContext, data, where: str):
     """Per-channel statistics of ``tensors`` on ``data`` (in the original model's layout)."""
     from calibration.channel_stats import collect_channel_stats
-    from passes.quantization import _graph_model, _source_for
+    from passes.graph_model import calibration_source, graph_model
 
-    model = _graph_model(graph)
-    source = _source_for(model, ctx, data)
+    model = graph_model(graph)
+    source = calibration_source(model, ctx, data)
     stats = collect_channel_stats(model, tensors, source, max_rows=0, progress=ctx.progress, max_samples=STAT_SAMPLES)
     info = {"from": where, "source": stats.source, "samples": stats.samples, "synthetic": bool(stats.synthetic)}
     if stats.skipped:
@@ -268,6 +268,3 @@ def _site_details(plan: FoldPlan, amax: np.ndarray, wmax: np.ndarray, s: np.ndar
         "scale_max": float(s.max()),
     }
 
-
-def _stats(skipped: dict[str, int]) -> dict[str, int]:
-    return {f"skipped_{k}": v for k, v in sorted(skipped.items())}

@@ -115,3 +115,39 @@ def test_default_preset_keeps_every_qdq_node():
     assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 2
     assert "Identity" not in ops
     assert_same_outputs(model, result.model, random_inputs(model))
+
+
+@pytest.mark.parametrize("name", PASSES)
+def test_pass_options_are_frozen_and_replace_checks_them_again(name):
+    """Options are checked once, in ``__post_init__``; a change goes through ``dataclasses.replace``."""
+    import dataclasses
+
+    cls = available_passes()[name]
+    p = cls()
+    assert dataclasses.is_dataclass(p) and cls.__dataclass_params__.frozen
+    for f in dataclasses.fields(p):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(p, f.name, getattr(p, f.name))
+    assert dataclasses.replace(p) == p and dataclasses.replace(p).spec() == p.spec()
+
+
+@pytest.mark.parametrize("name,options", [
+    ("prune-channels", {"ratio": 1.5}), ("prune-channels", {"ratios": ["conv1"]}),
+    ("prune-magnitude", {"scope": "all"}), ("smooth-quant", {"alpha": 2.0}),
+    ("quantize-int8", {"method": "magic"}), ("quantize-fp8", {"bias_correction": "maybe"}),
+    ("quantize-int4", {"block_size": 96}), ("layout-nchw", {"io": "sideways"}),
+    ("convert-bf16", {"exclude": "sub"}), ("upgrade-opset", {"min": 1}),
+])
+def test_option_checks_raise_one_error_type_naming_the_pass(name, options):
+    """From Python, from text (the CLI) and through ``dataclasses.replace``: one ``OptionError``."""
+    import dataclasses
+
+    from optimizer.errors import OptionError
+    from optimizer.pipeline import make_pass
+
+    cls = available_passes()[name]
+    for attempt in (lambda: cls(**options), lambda: make_pass(cls, options),
+                    lambda: dataclasses.replace(cls(), **options)):
+        with pytest.raises(OptionError, match=f"bad options for pass '{name}': ") as info:
+            attempt()
+        assert isinstance(info.value, ValueError) and info.value.exit_code == 2

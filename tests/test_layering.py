@@ -6,12 +6,14 @@
     driver       optimizer/ everything else (registry, pipeline, manager, hooks, api, cli, reports ...)
 
 A module may import its own layer and the layers below it. The test parses every module's source
-(``ast``), so a lazy ``import`` inside a function is an edge like any other.
+(``ast``), so a lazy ``import`` inside a function is an edge like any other. The driver also spells
+no pass name outside the registry and the preset tables: it asks passes what they declare.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from helpers import ROOT
@@ -112,3 +114,50 @@ def test_the_check_fails_on_a_deliberate_upward_import(tmp_path, monkeypatch):
     assert any("optimizer.runtime (kernel) imports optimizer.manager (driver)" in b for b in bad), bad
     assert any("passes.fusion (passes) imports optimizer.api (driver)" in b for b in bad), bad
     assert not any("optimizer.api" in b.split(" imports ")[0] for b in bad), bad  # driver -> passes is fine
+
+
+#: Tables of pipeline text (presets) in optimizer/pipeline.py: the one place the driver spells passes.
+PRESET_TABLES = {"PRESETS", "PRECISION_STEPS", "DRY_RUN_STEPS"}
+
+
+def pass_name_literals(files: list[Path], names: set[str]) -> list[str]:
+    """String literals in ``files`` that are a pass name or a pass spec (``name(...)``), outside the
+    preset tables, docstrings and timing-stage labels (``stages.measure("cleanup")``)."""
+    spec = re.compile(r"^(%s)\(" % "|".join(map(re.escape, sorted(names, key=len, reverse=True))))
+    found = []
+    for path in files:
+        tree = ast.parse(path.read_text(), str(path))
+        allowed: set[int] = set()
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
+                allowed.add(id(body[0].value))  # a docstring
+            if isinstance(node, (ast.Assign, ast.AnnAssign)):
+                for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                    base = target.value if isinstance(target, ast.Subscript) else target
+                    if isinstance(base, ast.Name) and base.id in PRESET_TABLES:
+                        allowed.update(id(n) for n in ast.walk(node.value))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "measure":
+                allowed.update(id(a) for a in node.args)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in allowed:
+                if node.value in names or spec.match(node.value):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
+    return found
+
+
+def test_the_driver_does_not_know_passes_by_name():
+    """The driver asks passes what they declare (capabilities), never matches their names."""
+    from optimizer.registry import available_passes
+
+    files = sorted(p for p in (ROOT / "optimizer").rglob("*.py") if p.name != "registry.py")
+    found = pass_name_literals(files, set(available_passes()))
+    assert not found, "pass names spelled in the driver:\n" + "\n".join(found)
+
+
+def test_the_name_check_finds_a_pass_name(tmp_path, monkeypatch):
+    (tmp_path / "budget.py").write_text('def tunable(p):\n    return p.name == "quantize-int8"\n'
+                                        'SPEC = "prune-channels(ratio=0.5)"\nPRESETS = {"x": "cleanup"}\n')
+    monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
+    found = pass_name_literals([tmp_path / "budget.py"], {"quantize-int8", "prune-channels", "cleanup"})
+    assert sorted(f.split(": ", 1)[1] for f in found) == ["'prune-channels(ratio=0.5)'", "'quantize-int8'"]

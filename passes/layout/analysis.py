@@ -18,6 +18,7 @@ from passes.layout.handlers import HANDLERS, Plan
 from passes.layout.perms import Perm, channel_first_perm, compose, invert, is_identity, transposed_shape
 from passes.layout.transposes import LayoutGraph
 from passes.match import producer
+from passes.skips import Skips
 
 
 @dataclass
@@ -41,7 +42,7 @@ class _Analysis:
     rejected: int = 0
     gain: int = 0  # Transposes the accepted regions remove
     before: dict[int, int] = field(default_factory=dict)  # id(Transpose) -> 1 unless added by io=nchw
-    skips: dict[str, int] = field(default_factory=dict)
+    skips: Skips = field(default_factory=Skips)  # nodes a Transpose could not move through, by reason
 
 
 class Analyzer:
@@ -61,14 +62,14 @@ class Analyzer:
                 continue
             handler = HANDLERS.get(node.op)
             if handler is None or not is_default_domain(node) or _has_subgraph(node):
-                _add(a.skips, "no_handler")
+                a.skips.add("no_handler")
                 continue
             plan = handler(node, perms, self.layout.site)
             if isinstance(plan, str):
-                _add(a.skips, plan)
+                a.skips.add(plan)
                 continue
             if any(p is not None and i not in plan.pre_inputs for i, p in enumerate(perms)):
-                _add(a.skips, "transposed_parameter")
+                a.skips.add("transposed_parameter")
                 continue
             self._flip(a, node, plan, perms)
         self._prune(a)
@@ -234,6 +235,3 @@ def _has_subgraph(node: gs.Node) -> bool:
             return True
     return False
 
-
-def _add(counts: dict[str, int], key: str) -> None:
-    counts[key] = counts.get(key, 0) + 1

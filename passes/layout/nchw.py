@@ -8,7 +8,6 @@ from typing import Literal
 
 import onnx_graphsurgeon as gs
 
-from optimizer.errors import PipelineError
 from optimizer.pass_base import Pass, PassContext, PassResult
 from optimizer.pass_base import register_pass
 from passes.layout.analysis import Analyzer
@@ -19,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class LayoutNCHW(Pass):
     """Make channel-last (TensorFlow/Keras/TFLite-exported) graphs NCHW by sinking Transposes
     through layout-agnostic ops until inverse pairs cancel::
@@ -61,7 +60,7 @@ class LayoutNCHW(Pass):
 
     def __post_init__(self):
         if self.io not in ("keep", "nchw"):
-            raise PipelineError(f"option 'io' of pass 'layout-nchw' must be keep or nchw; got {self.io!r}")
+            raise self.option_error(f"io must be keep or nchw; got {self.io!r}")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         layout = LayoutGraph(graph, self.io)
@@ -82,16 +81,15 @@ class LayoutNCHW(Pass):
             analysis = analyzer.analyze()
         stats["merged"] = merged
         stats["regions_rejected"] = analysis.rejected
-        stats.update({f"skipped_{k}": v for k, v in sorted(analysis.skips.items())})
         if analysis.gain + merged <= 0:
             stats["transposes_after"] = before
-            return PassResult(changed=False, stats=stats)
-        counts, details = commit(analyzer, analysis)
+            return PassResult(changed=False, stats=stats, skipped=analysis.skips)
+        counts, details, metadata = commit(analyzer, analysis)
         stats.update(counts)
         after = layout.count_transposes()
         stats["transposes_after"] = after
         if after >= before:  # a safety net: the cost model says this cannot happen
             log.warning("layout-nchw: the rewrite did not lower the Transpose count (%d -> %d); discarded", before, after)
             stats["transposes_after"] = before
-            return PassResult(changed=False, stats=stats)
-        return PassResult(changed=True, stats=stats, details=details)
+            return PassResult(changed=False, stats=stats, skipped=analysis.skips)
+        return PassResult(changed=True, stats=stats, skipped=analysis.skips, details=details, metadata=metadata)

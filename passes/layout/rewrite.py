@@ -8,16 +8,16 @@ import json
 
 import onnx_graphsurgeon as gs
 
-from passes.graph_utils import set_model_metadata, unique_name
+from passes.graph_utils import detach, unique_name
 from passes.layout.analysis import Analyzer, _Analysis
 from passes.layout.handlers import _Edits
 from optimizer.io_layout import LAYOUT_INPUTS_KEY, LAYOUT_OUTPUTS_KEY
 from passes.layout.perms import Perm, channel_first_perm, invert, transposed_shape
-from passes.layout.transposes import LayoutGraph, _detach
+from passes.layout.transposes import LayoutGraph
 
 
-def commit(analyzer: Analyzer, a: _Analysis) -> tuple[dict[str, int], dict]:
-    """Rewrite the accepted regions of ``a``; returns (stats, details)."""
+def commit(analyzer: Analyzer, a: _Analysis) -> tuple[dict[str, int], dict, dict[str, str]]:
+    """Rewrite the accepted regions of ``a``; returns (stats, details, model metadata)."""
     layout = analyzer.layout
     g = layout.graph
     edits = _Edits(g)
@@ -63,7 +63,7 @@ def commit(analyzer: Analyzer, a: _Analysis) -> tuple[dict[str, int], dict]:
                 for i, t in enumerate(consumer.inputs):
                     if t is out:
                         consumer.inputs[i] = pre
-        _detach(node)
+        detach(node)
     # 3. one Transpose for each labeled tensor still read in its own layout
     new_nodes: list[gs.Node] = []
     outputs_nchw: dict[str, dict] = {}
@@ -86,11 +86,11 @@ def commit(analyzer: Analyzer, a: _Analysis) -> tuple[dict[str, int], dict]:
             outputs_nchw[o.name] = {"perm": list(invert(label.perm)), "shape": list(shape) if shape else None}
             new_nodes.extend(_expose_as_output(layout, o, pre, label.perm))
     g.nodes = [n for n in g.nodes if n.inputs or n.outputs] + new_nodes
-    details = {}
+    details, metadata = {}, {}
     for key, changed in ((LAYOUT_INPUTS_KEY, inputs_nchw), (LAYOUT_OUTPUTS_KEY, outputs_nchw)):
         if changed:
             perms = {name: entry["perm"] for name, entry in changed.items()}
-            set_model_metadata(g, key, json.dumps(perms, sort_keys=True))
+            metadata[key] = json.dumps(perms, sort_keys=True)
             details[key] = changed
     g.toposort()
     stats = {
@@ -99,7 +99,7 @@ def commit(analyzer: Analyzer, a: _Analysis) -> tuple[dict[str, int], dict]:
         "inputs_nchw": len(inputs_nchw),
         "outputs_nchw": len(outputs_nchw),
     }
-    return stats, details
+    return stats, details, metadata
 
 
 def _expose_as_output(layout: LayoutGraph, o: gs.Tensor, pre: gs.Tensor, perm: Perm) -> list[gs.Node]:

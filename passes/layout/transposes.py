@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from passes.graph_utils import is_default_domain, unique_name
+from passes.graph_utils import detach, is_default_domain, unique_name
 from passes.layout.handlers import _Site
 from passes.layout.perms import Perm, channel_first_perm, invert, transposed_shape
 
@@ -64,7 +64,7 @@ class LayoutGraph:
                     for i, t in enumerate(consumer.inputs):
                         if t is y:
                             consumer.inputs[i] = keep.outputs[0]
-                _detach(dup)
+                detach(dup)
                 merged += 1
         if merged:
             self.graph.nodes = [n for n in self.graph.nodes if n.inputs or n.outputs]
@@ -89,7 +89,7 @@ class LayoutGraph:
 
     def drop_virtual_input(self, key: int) -> None:
         v, new, old, index = self.virtual.pop(key)
-        _detach(v)
+        detach(v)
         self.graph.nodes = [n for n in self.graph.nodes if n is not v]
         name = new.name
         new.name = unique_name(self.graph, f"{name}_unused")
@@ -97,6 +97,3 @@ class LayoutGraph:
         self.graph.inputs[index] = old
 
 
-def _detach(node: gs.Node) -> None:
-    node.inputs.clear()
-    node.outputs.clear()

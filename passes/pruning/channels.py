@@ -25,18 +25,17 @@ from passes.graph_utils import (
     constant_values,
     count_macs,
     infer_tensor_types,
-    model_metadata,
-    set_model_metadata,
 )
 from passes.pruning.common import UNBOUNDED
 from passes.pruning.edits import apply_edits, fold_constants, fold_into_bias, weight_values
 from passes.pruning.groups import ChannelAnalysis, ChannelGroup
 from passes.pruning.maps import _Use
 from passes.pruning.sparsity import is_2to4
+from passes.skips import Skips
 
 log = logging.getLogger(__name__)
 
-#: Model metadata key (``set_model_metadata``).
+#: Model metadata key (``PassResult.metadata``).
 PRUNING_KEY = "pruning.channels"
 
 
@@ -73,9 +72,10 @@ def _shapes(types: dict) -> dict[str, tuple]:
 _RECORD_LINE = re.compile(rf"^{re.escape(PRUNING_KEY)}: (\{{.*\}})$", re.MULTILINE)
 
 
-def read_pruning_record(graph: gs.Graph) -> dict[str, int]:
-    """Original channel counts of the groups already pruned, by producer layer name."""
-    text = model_metadata(graph).get(PRUNING_KEY)
+def read_pruning_record(graph: gs.Graph, metadata: dict[str, str] | None = None) -> dict[str, int]:
+    """Original channel counts of the groups already pruned, by producer layer name: from the
+    model's ``metadata`` (``PassContext.model_metadata``), else the graph's doc string."""
+    text = (metadata or {}).get(PRUNING_KEY)
     if text is None:
         match = _RECORD_LINE.search(graph.doc_string or "")
         text = match.group(1) if match else None
@@ -86,13 +86,14 @@ def read_pruning_record(graph: gs.Graph) -> dict[str, int]:
     return {str(k): int(v) for k, v in record.items()} if isinstance(record, dict) else {}
 
 
-def _write_pruning_record(graph: gs.Graph, record: dict[str, int]) -> None:
+def _write_pruning_record(graph: gs.Graph, record: dict[str, int]) -> dict[str, str]:
+    """Record ``record`` in the graph's doc string; returns it as model metadata (``PassResult.metadata``)."""
     # Model metadata is the record's home; the graph's doc_string keeps a copy because it survives
     # every export, so a second run knows what was pruned (and from how many channels).
     text = json.dumps(dict(sorted(record.items())), sort_keys=True)
-    set_model_metadata(graph, PRUNING_KEY, text)
     doc = _RECORD_LINE.sub("", graph.doc_string or "").strip()
     graph.doc_string = (doc + "\n" if doc else "") + f"{PRUNING_KEY}: {text}"
+    return {PRUNING_KEY: text}
 
 
 def _parse_ratios(items: list[str]) -> dict[str, float]:
@@ -121,7 +122,7 @@ def kept_count(original: int, ratio: float, multiple: int, min_channels: int) ->
 
 # ============================================================================ prune-channels
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class PruneChannels(Pass):
     """Structured channel pruning: remove whole output channels of Conv/ConvTranspose/Gemm/MatMul
     layers together with everything that reads or transforms them::
@@ -196,14 +197,17 @@ class PruneChannels(Pass):
 
     def __post_init__(self):
         if self.importance not in ("l1", "l2", "bn-gamma", "activation"):
-            raise ValueError(f"importance must be l1, l2, bn-gamma or activation; got {self.importance!r}")
+            raise self.option_error(f"importance must be l1, l2, bn-gamma or activation; got {self.importance!r}")
         if self.scope not in ("layer", "global"):
-            raise ValueError(f"scope must be layer or global; got {self.scope!r}")
+            raise self.option_error(f"scope must be layer or global; got {self.scope!r}")
         if not 0.0 <= float(self.ratio) < 1.0:
-            raise ValueError(f"ratio must be in [0, 1); got {self.ratio}")
+            raise self.option_error(f"ratio must be in [0, 1); got {self.ratio}")
         if int(self.multiple) < 1 or int(self.min_channels) < 1:
-            raise ValueError("multiple and min_channels must be >= 1")
-        _parse_ratios(self.ratios)
+            raise self.option_error("multiple and min_channels must be >= 1")
+        try:
+            _parse_ratios(self.ratios)
+        except ValueError as exc:
+            raise self.option_error(str(exc)) from None
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         types = infer_tensor_types(graph, ctx.input_shapes)
@@ -218,7 +222,7 @@ class PruneChannels(Pass):
         details: dict = {
             "blocked": [{"producers": g.producers, "channels": g.channels, "reason": g.blocked, "reasons": g.reasons} for g in blocked],
         }
-        record = read_pruning_record(graph)
+        record = read_pruning_record(graph, ctx.model_metadata)
         activations = None
         if not self.only_zero and (self.compensate or self.importance == "activation"):
             if ctx.calibration is not None:
@@ -230,11 +234,13 @@ class PruneChannels(Pass):
                     details["calibration"] = f"unusable: {exc}"
             else:
                 details["calibration"] = "none: no compensation, activation importance falls back to l1"
-        plan, info = self._plan(analysis, [g for g in groups if not g.blocked], record, stats, details, activations)
+        skips = Skips()
+        plan, info = self._plan(analysis, [g for g in groups if not g.blocked], record, stats, details, skips,
+                                activations)
         stats["groups_pruned"] = len(plan)
         if not plan:
             stats["channels_removed"] = 0
-            return PassResult(False, stats=stats, details=details)
+            return PassResult(False, stats=stats, details=details, skipped=skips)
         params_before = _live_params(graph)
         macs_before = count_macs(graph, _shapes(types))
         sparse_before = _sparse_consumers(analysis, plan)
@@ -257,7 +263,7 @@ class PruneChannels(Pass):
             if grp.root in plan or decided:
                 for p in grp.producers:
                     record.setdefault(p, grp.channels)
-        _write_pruning_record(graph, record)
+        metadata = _write_pruning_record(graph, record)
         after = infer_tensor_types(graph, ctx.input_shapes)
         stats.update(
             channels_removed=sum(i["removed"] for i in info),
@@ -267,11 +273,11 @@ class PruneChannels(Pass):
             macs_after=count_macs(graph, _shapes(after)),
         )
         details["groups"] = info
-        return PassResult(True, stats=stats, details=details)
+        return PassResult(True, stats=stats, details=details, skipped=skips, metadata=metadata)
 
     # -- choosing channels ---------------------------------------------------------------------
     def _plan(self, analysis: ChannelAnalysis, groups: list[ChannelGroup], record: dict[str, int], stats, details,
-              activations: dict | None = None):
+              skips: Skips, activations: dict | None = None):
         ratios = _parse_ratios(self.ratios)
         named = {p for g in groups for p in g.producers}
         unmatched = sorted(set(ratios) - named)
@@ -310,7 +316,7 @@ class PruneChannels(Pass):
                 targets[grp.root] = kept_count(original, max(explicit), self.multiple, self.min_channels)
             elif self.scope == "global":
                 if any(p in record for p in grp.producers):
-                    stats["skipped_already_pruned"] = stats.get("skipped_already_pruned", 0) + 1
+                    skips.add("already_pruned")
                     continue
                 pool.append(grp)
             else:
@@ -419,16 +425,12 @@ def channel_statistics(graph: gs.Graph, tensors: list[str], analysis: ChannelAna
 
     Returns ``{tensor: (mean, std)}`` plus ``"__samples__"``. Tensors that cannot be measured are left out.
     """
-    import onnx
-
     from calibration.collect import augment_model
     from calibration.sources import open_source
-    from optimizer.graph import graph_to_model
     from optimizer.runtime import OrtRunner, input_specs
+    from passes.graph_model import graph_model
 
-    template = onnx.ModelProto()
-    template.ir_version = 10
-    model = graph_to_model(graph.copy(), template)
+    model = graph_model(graph)
     specs = input_specs(model)
     source = open_source(ctx.calibration, specs, shapes=ctx.input_shapes)
     runner = OrtRunner(augment_model(model, tensors))

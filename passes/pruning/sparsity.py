@@ -14,12 +14,13 @@ import onnx_graphsurgeon as gs
 
 from optimizer.pass_base import Pass, PassContext, PassResult
 from optimizer.pass_base import register_pass
-from passes.graph_utils import constant_values, is_default_domain, set_model_metadata
+from passes.graph_utils import constant_values, is_default_domain
 from passes.graph_utils import FLOAT_TYPES
 from passes.pruning.common import LAYER_OPS, UNBOUNDED, _label
 from passes.pruning.edits import _pruned_name
+from passes.skips import Skips
 
-#: Model metadata key (``set_model_metadata``).
+#: Model metadata key (``PassResult.metadata``).
 SPARSITY_KEY = "sparsity.2to4"
 
 
@@ -63,7 +64,7 @@ def is_2to4(w: np.ndarray, axis: int) -> bool:
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class Sparsify2to4(Pass):
     """2:4 structured sparsity for TensorRT's sparse tensor cores: in every 4 consecutive weights
     along the reduction axis, keep the 2 largest magnitudes and zero the others::
@@ -96,7 +97,7 @@ class Sparsify2to4(Pass):
     exclude: list[str] = field(default_factory=list)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        skips: dict[str, int] = {}
+        skips = Skips()
         marked: list[str] = []
         layers: list[dict] = []
         done: dict[tuple[str, int], gs.Constant] = {}
@@ -107,7 +108,7 @@ class Sparsify2to4(Pass):
             label = _label(node, i)
             reason = self._check(node, label)
             if reason:
-                skips[reason] = skips.get(reason, 0) + 1
+                skips.add(reason)
                 continue
             w_t = node.inputs[1]
             w = constant_values(w_t)
@@ -124,11 +125,10 @@ class Sparsify2to4(Pass):
             marked.append(label)
             layers.append({"layer": label, "weight": node.inputs[1].name, "shape": list(w.shape), "axis": axis,
                            "zeros": round(float(np.mean(new_w == 0)), 4)})
-        if marked:
-            set_model_metadata(graph, SPARSITY_KEY, json.dumps(marked))
-        stats = {"layers_2to4": len(marked), "layers_sparsified": changed,
-                 **{f"skipped_{k}": v for k, v in sorted(skips.items())}}
-        return PassResult(changed > 0, stats=stats, details={SPARSITY_KEY: marked, "layers": layers})
+        stats = {"layers_2to4": len(marked), "layers_sparsified": changed}
+        metadata = {SPARSITY_KEY: json.dumps(marked)} if marked else {}
+        return PassResult(changed > 0, stats=stats, skipped=skips, details={SPARSITY_KEY: marked, "layers": layers},
+                          metadata=metadata)
 
     def _check(self, node: gs.Node, label: str) -> str:
         if label in self.exclude:
@@ -152,7 +152,7 @@ class Sparsify2to4(Pass):
 
 # ============================================================================ magnitude pruning
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class PruneMagnitude(Pass):
     """Unstructured magnitude pruning: zero the smallest-magnitude weights of Conv, ConvTranspose,
     Gemm and MatMul layers until a fraction ``sparsity`` (0.5) of them is zero::
@@ -181,12 +181,12 @@ class PruneMagnitude(Pass):
 
     def __post_init__(self):
         if not 0.0 <= float(self.sparsity) < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1); got {self.sparsity}")
+            raise self.option_error(f"sparsity must be in [0, 1); got {self.sparsity}")
         if self.scope not in ("layer", "global"):
-            raise ValueError(f"scope must be layer or global; got {self.scope!r}")
+            raise self.option_error(f"scope must be layer or global; got {self.scope!r}")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        skips: dict[str, int] = {}
+        skips = Skips()
         weights: dict[str, tuple[np.ndarray, list[tuple[gs.Node, str]]]] = {}
         for i, node in enumerate(graph.nodes):
             if node.op not in LAYER_OPS or not is_default_domain(node) or len(node.inputs) < 2:
@@ -196,12 +196,12 @@ class PruneMagnitude(Pass):
             reason = "excluded" if label in self.exclude else "weight_not_constant" if w is None else (
                 "weight_not_float" if w.dtype.type not in FLOAT_TYPES else "")
             if reason:
-                skips[reason] = skips.get(reason, 0) + 1
+                skips.add(reason)
                 continue
             name = node.inputs[1].name
             weights.setdefault(name, (w, []))[1].append((node, label))
         if not weights:
-            return PassResult(False, stats={f"skipped_{k}": v for k, v in sorted(skips.items())})
+            return PassResult(False, skipped=skips)
         masks = self._masks({name: w for name, (w, _) in weights.items()})
         total = sum(w.size for w, _ in weights.values())
         zeros_before = sum(int(np.count_nonzero(w == 0)) for w, _ in weights.values())
@@ -226,9 +226,8 @@ class PruneMagnitude(Pass):
             "sparsity_after": round((zeros_before + pruned) / total, 4),
             "compressed_bytes_before": bytes_before,
             "compressed_bytes_after": bytes_after,
-            **{f"skipped_{k}": v for k, v in sorted(skips.items())},
         }
-        return PassResult(pruned > 0, stats=stats, details={"layers": layers})
+        return PassResult(pruned > 0, stats=stats, skipped=skips, details={"layers": layers})
 
     def _masks(self, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Which weights to zero: the smallest magnitudes, only where too few are zero already."""

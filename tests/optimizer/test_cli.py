@@ -110,6 +110,7 @@ def _bad_external(tmp_path):
         ("external-outside", "outside the model's folder"),
         ("unknown-pass", "unknown pass 'fuse-conv-nb'; did you mean 'fuse-conv-bn'"),
         ("bad-option", "has no option 'ratio'"),
+        ("bad-option-value", "bad options for pass 'prune-channels': ratio must be in [0, 1); got 1.5"),
         ("bad-shapes", "cannot read shape"),
         ("unknown-shape-input", "--shapes names unknown input"),
         ("wrong-static-shape", "the model fixes it to batchx1x8x8"),
@@ -140,6 +141,8 @@ def test_bad_input_one_line_exit_2_input_unchanged(workdir, capsys, case, messag
         args += ["--passes", "cleanup,fuse-conv-nb"]
     elif case == "bad-option":
         args += ["--passes", "cleanup(ratio=0.3)"]
+    elif case == "bad-option-value":
+        args += ["--passes", "cleanup,prune-channels(ratio=1.5)"]
     elif case == "bad-shapes":
         args += ["--shapes", "input:1xthree"]
     elif case == "unknown-shape-input":

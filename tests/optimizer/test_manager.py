@@ -162,3 +162,49 @@ def test_ir_version_is_pinned_for_onnx_runtime():
     model = parse_model(MODEL, ir_version=10)
     result = PassManager("cleanup").run(model)
     assert result.model.ir_version == 10
+
+
+@dataclass
+class Tag(Pass):
+    """Renames the Relu (a lossless change) and asks for ``tag = <count>`` in the model metadata,
+    counting up from what earlier passes (or the input model) recorded."""
+
+    name = "test-tag"
+
+    def run(self, graph, ctx):
+        count = int(ctx.model_metadata.get("tag", "0")) + 1
+        node = next(n for n in graph.nodes if n.op == "Relu")
+        node.name = f"relu_{count}"
+        return PassResult(changed=True, metadata={"tag": str(count)})
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_pass_metadata_reaches_the_model_and_the_passes_after_it(batch):
+    register_pass(Tag)
+    model = parse_model(MODEL)
+    model.metadata_props.add(key="tag", value="5")
+    model.metadata_props.add(key="kept", value="yes")
+    result = PassManager("test-tag,cleanup,test-tag", batch=batch).run(model)
+    props = {p.key: p.value for p in result.model.metadata_props}
+    assert props == {"tag": "7", "kept": "yes"}
+    assert [n.name for n in result.model.graph.node if n.op_type == "Relu"] == ["relu_7"]
+    assert [p.key for p in result.model.metadata_props].count("tag") == 1
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_a_rolled_back_pass_leaves_no_metadata(batch):
+    @dataclass
+    class TagAndBreak(Sabotage):
+        """Changes what the model computes and asks for metadata: rolled back, metadata too."""
+
+        name = "test-tag-and-break"
+
+        def run(self, graph, ctx):
+            result = super().run(graph, ctx)
+            result.metadata = {"broken": "yes"}
+            return result
+
+    register_pass(TagAndBreak)
+    result = PassManager("test-tag-and-break,cleanup", batch=batch).run(parse_model(MODEL))
+    assert result.rolled_back and result.rolled_back[0].name == "test-tag-and-break"
+    assert "broken" not in {p.key for p in result.model.metadata_props}

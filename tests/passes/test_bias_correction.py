@@ -23,6 +23,7 @@ from passes.bias_correction import (
 )
 from passes.graph_utils import import_graph
 from passes.quantization import PlacementOptions, find_sites, quantize_weight
+from passes.skips import Skips
 
 
 def _model(nodes, inputs, outputs, inits, opset=17):
@@ -173,7 +174,7 @@ def test_conv_bias_is_created_or_updated_and_shared_biases_are_copied():
     graph = import_graph(model)
     nodes = {n.name: n for n in graph.nodes}
     s1, s3 = np.array([0.5, -1, 2, 0.25]), np.array([1, 2, 3, 4.0])
-    skipped: dict[str, int] = {}
+    skipped = Skips()
     assert apply_bias_correction(graph, [(nodes["c1"], s1), (nodes["c3"], s3)], skipped) == 2
     assert skipped == {}
     corrected = _export(graph)
@@ -216,7 +217,7 @@ def test_gemm_with_beta_zero_or_an_unbroadcastable_c_is_skipped():
         [_vi("x", [2, 5])], [_vi("y", [2, 3])], [_init("w", rng.normal(size=(5, 3))), _init("c", np.ones(3))],
     )
     graph = import_graph(model)
-    skipped: dict[str, int] = {}
+    skipped = Skips()
     assert apply_bias_correction(graph, [(graph.nodes[0], np.ones(3))], skipped) == 0
     assert skipped == {"no_bias_to_correct": 1}
     # and NaN/inf shifts are never written
@@ -261,7 +262,7 @@ def test_matmul_without_a_bias_of_its_own_is_skipped():
     for what, model in cases.items():
         graph = import_graph(model)
         mm = next(n for n in graph.nodes if n.op == "MatMul")
-        skipped: dict[str, int] = {}
+        skipped = Skips()
         assert apply_bias_correction(graph, [(mm, np.ones(4))], skipped) == 0, what
         assert skipped == {"no_bias_to_correct": 1}, what
 
@@ -297,7 +298,7 @@ def test_targets_from_quant_sites_and_axis_conflicts():
     sites = [s for s in sites if s.kind == "weight"]
     for s in sites:
         s.axis = None  # as below opset 13
-    skipped: dict[str, int] = {}
+    skipped = Skips()
     targets = correction_targets(sites, skipped)
     assert [t.node.name for t in targets] == ["conv", "mm"] and skipped == {"bias_correction_unsupported": 1}
     axes = mean_tensors(targets)
@@ -323,7 +324,7 @@ def weight_only_int8(model: onnx.ModelProto, calib, correct: bool, min_weight_el
     graph = import_graph(model)
     sites, _ = find_sites(graph, PlacementOptions(min_weight_elements, False, False))
     sites = [s for s in sites if s.kind == "weight"]
-    skipped: dict[str, int] = {}
+    skipped = Skips()
     corrections = []
     if correct:
         targets = correction_targets(sites, skipped)

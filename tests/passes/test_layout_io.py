@@ -12,7 +12,6 @@ from onnx import helper
 
 from optimizer.graph import graph_to_model
 from optimizer.pass_base import PassContext
-from passes.graph_utils import model_metadata
 from optimizer.io_layout import LAYOUT_INPUTS_KEY, LAYOUT_OUTPUTS_KEY, io_layout, to_model_inputs, to_original_outputs
 from passes.layout.nchw import LayoutNCHW
 
@@ -21,12 +20,8 @@ def _run_on_graph(model: onnx.ModelProto, **options):
     """Run the pass directly on a graph (as the manager does), returning (result, model, metadata)."""
     graph = gs.import_onnx(model)
     result = LayoutNCHW(**options).run(graph, PassContext())
-    metadata = model_metadata(graph)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    out = graph_to_model(graph, model)
-    for key, value in metadata.items():
-        out.metadata_props.add(key=key, value=value)
-    return result, out, metadata
+    return result, graph_to_model(graph, model, result.metadata), result.metadata
 
 
 # -- io=nchw -----------------------------------------------------------------------------------

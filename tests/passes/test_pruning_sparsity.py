@@ -10,7 +10,6 @@ from pruning_models import Weights, assert_valid, last_stats, make_model, vi, zo
 
 from optimizer import PassContext, PassManager
 from optimizer.stats import model_stats
-from passes.graph_utils import model_metadata
 from passes.pruning.sparsity import SPARSITY_KEY, Sparsify2to4, is_2to4
 
 
@@ -53,7 +52,7 @@ def test_sparsify_2to4_marks_eligible_layers_and_every_block_has_two_zeros():
 def test_sparsify_2to4_keeps_the_largest_magnitudes_and_records_metadata():
     graph = gs.import_onnx(sparse_model())
     result = Sparsify2to4().run(graph, PassContext())
-    assert json.loads(model_metadata(graph)[SPARSITY_KEY]) == ["big_conv", "fc", "mm"]
+    assert json.loads(result.metadata[SPARSITY_KEY]) == ["big_conv", "fc", "mm"]
     assert result.stats["layers_sparsified"] == 3
     original = numpy_helper.to_array(next(t for t in sparse_model().graph.initializer if t.name == "w5"))
     new = next(n for n in graph.nodes if n.name == "mm").inputs[1].values
