@@ -545,10 +545,12 @@ class ChannelMeans:
     ``means``: ``{tensor name: float64 array [channels]}``, the mean over every axis but the
     channel axis, over all samples; ``samples``/``batches``: how much data went through;
     ``counts``: ``{tensor name: finite values per channel}``; ``skipped``: ``{tensor name: reason}``;
-    ``source``/``synthetic``: as in ``CalibrationStatistics``.
+    ``source``/``synthetic``: as in ``CalibrationStatistics``. ``mean_squares`` (with
+    ``squares=True``): the per-channel means of the squared values, for variances.
     """
 
     means: dict[str, np.ndarray] = field(default_factory=dict)
+    mean_squares: dict[str, np.ndarray] = field(default_factory=dict)
     samples: int = 0
     batches: int = 0
     counts: dict[str, np.ndarray] = field(default_factory=dict)
@@ -564,12 +566,14 @@ def _exact_sums(values: np.ndarray) -> list[int]:
 
 
 class _ChannelSum:
-    """Exact running per-channel sums (of per-sample float64 sums) and finite-value counts."""
+    """Exact running per-channel sums (of per-sample float64 sums) and finite-value counts; with
+    ``squares``, of the squared values too."""
 
-    def __init__(self, name: str, axis: int):
+    def __init__(self, name: str, axis: int, squares: bool = False):
         self.name = name
         self.axis = axis
         self.sums: list[int] | None = None
+        self.squares: list[int] | None = [] if squares else None
         self.counts: np.ndarray | None = None
         self.nonfinite = 0
 
@@ -600,6 +604,9 @@ class _ChannelSum:
         blocks = np.ascontiguousarray(x).reshape((samples, x.shape[0] // samples) + x.shape[1:])
         inner = tuple(i for i in range(blocks.ndim - 1) if i != axis)
         sums = _exact_sums(np.stack([np.sum(block, axis=inner, dtype=np.float64) for block in blocks]))
+        if self.squares is not None:
+            squares = _exact_sums(np.stack([np.sum(np.square(block, dtype=np.float64), axis=inner) for block in blocks]))
+            self.squares = squares if self.sums is None else [a + b for a, b in zip(self.squares, squares)]
         if self.sums is None:
             self.sums, self.counts = sums, counts
         else:
@@ -611,6 +618,9 @@ class _ChannelSum:
         """Fold in another shard's sums (exact)."""
         if other.sums is None:
             return
+        if self.squares is not None:
+            self.squares = (list(other.squares) if self.sums is None
+                            else [a + b for a, b in zip(self.squares, other.squares)])
         if self.sums is None:
             self.sums, self.counts = list(other.sums), other.counts.copy()
         else:
@@ -620,7 +630,13 @@ class _ChannelSum:
 
     def mean(self) -> np.ndarray:
         # int / int is correctly rounded in Python: the mean of the exact sum
-        return np.array([exact_quotient(s, c) if c else np.nan for s, c in zip(self.sums, self.counts)], np.float64)
+        return self._quotients(self.sums)
+
+    def mean_square(self) -> np.ndarray:
+        return self._quotients(self.squares)
+
+    def _quotients(self, sums: list[int]) -> np.ndarray:
+        return np.array([exact_quotient(s, c) if c else np.nan for s, c in zip(sums, self.counts)], np.float64)
 
 
 def collect_channel_means(
@@ -630,8 +646,10 @@ def collect_channel_means(
     batch_size: int | None = None,
     max_samples: int | None = None,
     progress: Progress | None = None,
+    squares: bool = False,
 ) -> ChannelMeans:
-    """Per-channel means of ``tensors`` (``{name: channel axis}``) over ``source``, in one run.
+    """Per-channel means of ``tensors`` (``{name: channel axis}``) over ``source``, in one run
+    (with ``squares``, the means of the squared values too: ``ChannelMeans.mean_squares``).
 
     The axis is 1 for Conv inputs (NCHW) and -1 (the last) for MatMul/Gemm inputs; negative axes
     count from the end. ``model`` runs in ONNX Runtime batch by batch with the tensors fetched as
@@ -654,7 +672,7 @@ def collect_channel_means(
     for name, reason in plan.skipped.items():
         log.info("channel means skip tensor '%s': %s", name, reason)
     names = plan.from_feeds + plan.fetch
-    sums = {name: _ChannelSum(name, int(tensors[name])) for name in names}
+    sums = {name: _ChannelSum(name, int(tensors[name]), squares) for name in names}
 
     fold_batches(_stream(model, plan, source, specs, batch_size, max_samples, progress, "channel means"), plan, sums, result,
                  source.description)
@@ -665,5 +683,7 @@ def collect_channel_means(
             continue
         result.means[name] = acc.mean()
         result.counts[name] = acc.counts
+        if squares:
+            result.mean_squares[name] = acc.mean_square()
     log.info("collected channel means for %d tensor(s) over %d sample(s) from %s", len(result.means), result.samples, result.source)
     return result

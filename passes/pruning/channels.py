@@ -421,41 +421,22 @@ def _activation_importance(analysis: ChannelAnalysis, root: int, activations: di
 
 def channel_statistics(graph: gs.Graph, tensors: list[str], analysis: ChannelAnalysis, ctx: PassContext,
                        max_samples: int = 512) -> dict:
-    """Per-position mean and std (along each tensor's channel axis) on the calibration data.
+    """Per-position mean and std (along each tensor's channel axis) on the calibration data,
+    streamed by ``calibration.collect.collect_channel_means`` (exact sums of values and squares:
+    the same for any batch size, memory flat in the number of samples).
 
     Returns ``{tensor: (mean, std)}`` plus ``"__samples__"``. Tensors that cannot be measured are left out.
     """
-    from calibration.collect import augment_model
-    from calibration.sources import open_source
-    from optimizer.runtime import OrtRunner, input_specs
-    from passes.graph_model import graph_model
+    from calibration.collect import collect_channel_means
+    from passes.graph_model import calibration_source, graph_model
 
     model = graph_model(graph)
-    specs = input_specs(model)
-    source = open_source(ctx.calibration, specs, shapes=ctx.input_shapes)
-    runner = OrtRunner(augment_model(model, tensors))
-    runner.output_names = list(tensors)
-    sums: dict[str, np.ndarray] = {}
-    squares: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    samples = 0
-    for feeds in source.batches(specs, 32):
-        outputs = runner.run(feeds)
-        for name, value in outputs.items():
-            axis = analysis.carry[name].axis
-            if value.ndim <= axis or value.dtype.kind != "f":
-                continue
-            v = np.moveaxis(value.astype(np.float64), axis, 0).reshape(value.shape[axis], -1)
-            sums[name] = sums.get(name, 0.0) + v.sum(axis=1)
-            squares[name] = squares.get(name, 0.0) + (v * v).sum(axis=1)
-            counts[name] = counts.get(name, 0) + v.shape[1]
-        samples += next((int(a.shape[0]) for a in feeds.values() if a.ndim), 1)
-        if samples >= max_samples:
-            break
-    result: dict = {"__samples__": samples}
-    for name, total in sums.items():
-        mean = total / counts[name]
-        std = np.sqrt(np.maximum(squares[name] / counts[name] - mean * mean, 0.0))
+    axes = {name: analysis.carry[name].axis for name in tensors}
+    stats = collect_channel_means(model, axes, calibration_source(model, ctx, ctx.calibration), ctx.calib_batch_size,
+                                  max_samples=max_samples, squares=True)
+    result: dict = {"__samples__": stats.samples}
+    for name, mean in stats.means.items():
+        std = np.sqrt(np.maximum(stats.mean_squares[name] - mean * mean, 0.0))
         if np.all(np.isfinite(mean)) and np.all(np.isfinite(std)):
             result[name] = (mean, std)
     return result

@@ -177,6 +177,18 @@ def test_channel_means_are_exact_for_every_batch_size():
     np.testing.assert_allclose(means[0].means["x"], exact, rtol=1e-15, atol=0)
 
 
+def test_channel_mean_squares_are_exact_for_every_batch_size():
+    # what prune-channels' activation statistics (mean and std per channel) are built on
+    model = mlp()
+    data = np.random.default_rng(7).normal(1, 3, (45, 16)).astype(np.float32)
+    stats = [collect_channel_means(model, {"x": -1}, {"x": data}, batch_size=b, squares=True) for b in (1, 7, 32)]
+    for m in stats[1:]:
+        np.testing.assert_array_equal(m.mean_squares["x"], stats[0].mean_squares["x"])
+    exact = [math.fsum(v * v for v in col) / 45 for col in data.astype(np.float64).T]
+    np.testing.assert_allclose(stats[0].mean_squares["x"], exact, rtol=1e-15, atol=0)
+    assert not collect_channel_means(model, {"x": -1}, {"x": data}).mean_squares  # only when asked
+
+
 def test_skips_tensors_it_cannot_expose_and_says_why():
     model = parse_model(
         """
