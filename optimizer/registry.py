@@ -10,6 +10,7 @@ their ``pyproject.toml``::
 from __future__ import annotations
 
 import difflib
+import importlib
 import logging
 from importlib import metadata
 
@@ -22,17 +23,41 @@ ENTRY_POINT_GROUP = "onnx_trt_optimizer.passes"
 _loaded = False
 
 
+def load_pass(name: str, target) -> type[Pass]:
+    """Register ``target`` as ``name``: how both the built-in passes (``passes.BUILTIN_PASSES``,
+    ``"module:Class"`` text) and plugins (entry points, loaded by ``importlib.metadata``) load.
+    ``target``: that text, or the class an entry point loaded."""
+    if isinstance(target, str):
+        module_name, _, attr = target.partition(":")
+        target = getattr(importlib.import_module(module_name), attr)
+    cls = register_pass(target)
+    if cls.name != name:
+        raise ValueError(f"'{name}' is {cls.__module__}:{cls.__qualname__}, which registers a pass named {cls.name!r}")
+    return cls
+
+
+def _load_builtin(name: str) -> bool:
+    from passes import BUILTIN_PASSES
+
+    if name not in BUILTIN_PASSES:
+        return False
+    if name not in _REGISTRY:
+        load_pass(name, BUILTIN_PASSES[name])
+    return True
+
+
 def _load_builtins_and_plugins() -> None:
     global _loaded
     if _loaded:
         return
     _loaded = True
-    import passes  # noqa: F401  (registers the built-in passes)
+    from passes import BUILTIN_PASSES
 
+    for name in BUILTIN_PASSES:
+        _load_builtin(name)
     for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
-            cls = entry.load()
-            register_pass(cls)
+            load_pass(entry.name, entry.load())
         except Exception as exc:  # a broken plugin must not break the tool
             log.warning("could not load pass plugin '%s' (%s): %s", entry.name, entry.value, exc)
 
@@ -45,6 +70,8 @@ def available_passes() -> dict[str, type[Pass]]:
 
 def get_pass_class(name: str) -> type[Pass]:
     """The pass registered as ``name``; a ``PipelineError`` with close matches otherwise."""
+    if _load_builtin(name):  # only that pass's module: the command line starts faster
+        return _REGISTRY[name]
     registry = available_passes()
     if name in registry:
         return registry[name]

@@ -100,3 +100,27 @@ def test_entry_point_passes_load(monkeypatch, clean_registry):
     monkeypatch.setattr(registry, "_loaded", False)
     monkeypatch.setattr(metadata, "entry_points", lambda group: [FakeEntry()] if group == registry.ENTRY_POINT_GROUP else [])
     assert "plugin-noop" in available_passes()
+
+
+def test_builtins_load_through_the_plugin_loader_and_the_table_is_complete():
+    """passes.BUILTIN_PASSES lists every built-in (entry-point form); each loads with load_pass,
+    the loader plugins use, under its own name; and no pass module registers one it does not list."""
+    import importlib
+    import pkgutil
+
+    import passes
+    from optimizer.registry import load_pass
+
+    for name, target in passes.BUILTIN_PASSES.items():
+        assert load_pass(name, target).name == name
+    for info in pkgutil.walk_packages(passes.__path__, "passes."):
+        importlib.import_module(info.name)
+    builtin = {n for n, c in _REGISTRY.items() if c.__module__.startswith("passes.")}
+    assert builtin == set(passes.BUILTIN_PASSES)
+
+
+def test_load_pass_refuses_a_name_that_is_not_the_pass_name():
+    with pytest.raises(ValueError, match="registers a pass named 'cse'"):
+        from optimizer.registry import load_pass
+
+        load_pass("not-cse", "passes.cse:CommonSubexpressionElimination")
