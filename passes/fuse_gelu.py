@@ -11,7 +11,7 @@ import onnx_graphsurgeon as gs
 
 from optimizer.pass_base import Pass, PassContext, PassResult
 from optimizer.pass_base import register_pass
-from passes.graph_utils import all_graphs, constant_values, detach, is_default_domain
+from passes.graph_utils import constant_values, detach, is_default_domain, iter_sites
 from passes.match import producer
 from passes.skips import Skips
 from passes.pattern_utils import (
@@ -159,16 +159,14 @@ class FuseGelu(Pass):
         opset = graph.opset or ctx.opset  # the graph's own: upgrade-opset may have raised it
         fused, skips = {"fused_erf": 0, "fused_tanh": 0}, Skips()
         shapes = _Shapes(graph, ctx.input_shapes)
-        for g in all_graphs(graph):
-            for node in list(g.nodes):
-                if node.op in ("Erf", "Tanh") and is_default_domain(node) and node.inputs:
-                    match = self._match_erf(node) if node.op == "Erf" else self._match_tanh(node)
-                    if match is not None:
-                        outcome = self._fuse(g, match, opset, shapes)
-                        if outcome in fused:
-                            fused[outcome] += 1
-                        else:
-                            skips.add(outcome)
+        for g, node in iter_sites(graph, ("Erf", "Tanh"), min_inputs=1):
+            match = self._match_erf(node) if node.op == "Erf" else self._match_tanh(node)
+            if match is not None:
+                outcome = self._fuse(g, match, opset, shapes)
+                if outcome in fused:
+                    fused[outcome] += 1
+                else:
+                    skips.add(outcome)
         if any(fused.values()):
             log.info("fuse-gelu: fused %d erf and %d tanh Gelu(s)", fused["fused_erf"], fused["fused_tanh"])
         return PassResult(changed=any(fused.values()), stats=fused, skipped=skips)

@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 
 from optimizer.pass_base import Pass, PassContext, PassResult
 from optimizer.pass_base import register_pass
-from passes.graph_utils import all_graphs, constant_values, detach, is_default_domain, only_consumer, unique_name
+from passes.graph_utils import constant_values, detach, is_default_domain, iter_sites, only_consumer, unique_name
 from passes.match import match_chain
 from passes.skips import Skips
 from passes.pattern_utils import (
@@ -146,14 +146,12 @@ class FuseLayerNorm(Pass):
         opset = graph.opset or ctx.opset  # the graph's own: upgrade-opset may have raised it
         stats, skips = {"fused": 0}, Skips()
         shapes = _Shapes(graph, ctx.input_shapes)
-        for g in all_graphs(graph):
-            for node in list(g.nodes):
-                if node.op in ("Div", "Mul") and is_default_domain(node):
-                    outcome = self._fuse(g, node, opset, stats, shapes)
-                    if outcome == "fused":
-                        stats["fused"] += 1
-                    elif outcome is not None:
-                        skips.add(outcome)
+        for g, node in iter_sites(graph, ("Div", "Mul")):
+            outcome = self._fuse(g, node, opset, stats, shapes)
+            if outcome == "fused":
+                stats["fused"] += 1
+            elif outcome is not None:
+                skips.add(outcome)
         if stats["fused"]:
             log.info("fuse-layernorm: fused %d LayerNormalization(s)", stats["fused"])
         return PassResult(changed=stats["fused"] > 0, stats=stats, skipped=skips)

@@ -16,7 +16,6 @@ from optimizer.pass_base import Pass, PassContext, PassResult
 from optimizer.pass_base import register_pass
 from passes.graph_utils import (
     FLOAT_TYPES,
-    all_graphs,
     constant_values,
     detach,
     evaluate_constant_expression,
@@ -24,6 +23,7 @@ from passes.graph_utils import (
     is_constant_expression,
     is_default_domain,
     is_graph_output,
+    iter_sites,
     only_consumer,
     unique_name,
 )
@@ -241,36 +241,33 @@ class BatchNormToAffine(Pass):
         converted = 0
         skips = Skips()
         shapes = None
-        for g in all_graphs(graph):
-            for bn in list(g.nodes):
-                if bn.op != "BatchNormalization" or not is_default_domain(bn) or not bn.inputs:
-                    continue
-                if not _bn_is_inference(g, bn):
-                    skips.add("training_mode")
-                    continue
-                x = bn.inputs[0]
-                rank = len(x.shape) if x.shape is not None else None
-                if rank is None:
-                    shapes = shapes if shapes is not None else infer_tensor_types(graph)
-                    known = shapes.get(x.name, (None, None))[0]
-                    rank = len(known) if known is not None else None
-                if rank is None or rank < 2:
-                    skips.add("rank_unknown")
-                    continue
-                affine = _bn_scale_shift(bn, g.opset)
-                if affine is None:
-                    skips.add("bn_params_not_constant")
-                    continue
-                dtype = np.dtype(x.dtype) if x.dtype is not None else np.dtype(affine[2])
-                layout = (-1,) + (1,) * (rank - 2)
-                s = gs.Constant(unique_name(g, f"{bn.name or 'bn'}_scale"), affine[0].reshape(layout).astype(dtype))
-                t = gs.Constant(unique_name(g, f"{bn.name or 'bn'}_shift"), affine[1].reshape(layout).astype(dtype))
-                mid = gs.Variable(unique_name(g, f"{bn.name or 'bn'}_scaled"), dtype=dtype, shape=x.shape)
-                y = bn.outputs[0]
-                detach(bn)
-                g.nodes.append(gs.Node("Mul", name=unique_name(g, f"{bn.name or 'bn'}_mul"), inputs=[x, s], outputs=[mid]))
-                g.nodes.append(gs.Node("Add", name=unique_name(g, f"{bn.name or 'bn'}_add"), inputs=[mid, t], outputs=[y]))
-                converted += 1
+        for g, bn in iter_sites(graph, ("BatchNormalization",), min_inputs=1):
+            if not _bn_is_inference(g, bn):
+                skips.add("training_mode")
+                continue
+            x = bn.inputs[0]
+            rank = len(x.shape) if x.shape is not None else None
+            if rank is None:
+                shapes = shapes if shapes is not None else infer_tensor_types(graph)
+                known = shapes.get(x.name, (None, None))[0]
+                rank = len(known) if known is not None else None
+            if rank is None or rank < 2:
+                skips.add("rank_unknown")
+                continue
+            affine = _bn_scale_shift(bn, g.opset)
+            if affine is None:
+                skips.add("bn_params_not_constant")
+                continue
+            dtype = np.dtype(x.dtype) if x.dtype is not None else np.dtype(affine[2])
+            layout = (-1,) + (1,) * (rank - 2)
+            s = gs.Constant(unique_name(g, f"{bn.name or 'bn'}_scale"), affine[0].reshape(layout).astype(dtype))
+            t = gs.Constant(unique_name(g, f"{bn.name or 'bn'}_shift"), affine[1].reshape(layout).astype(dtype))
+            mid = gs.Variable(unique_name(g, f"{bn.name or 'bn'}_scaled"), dtype=dtype, shape=x.shape)
+            y = bn.outputs[0]
+            detach(bn)
+            g.nodes.append(gs.Node("Mul", name=unique_name(g, f"{bn.name or 'bn'}_mul"), inputs=[x, s], outputs=[mid]))
+            g.nodes.append(gs.Node("Add", name=unique_name(g, f"{bn.name or 'bn'}_add"), inputs=[mid, t], outputs=[y]))
+            converted += 1
         return PassResult(changed=converted > 0, stats={"converted": converted}, skipped=skips)
 
 
@@ -316,17 +313,14 @@ def _rewrite_sites(graph: gs.Graph, ops: tuple[str, ...], rewrite, counter: str,
     done = 0
     skips = Skips()
     info = _LazyInfo(graph)
-    for g in all_graphs(graph):
-        for node in list(g.nodes):
-            if node.op not in ops or not is_default_domain(node) or len(node.inputs) < min_inputs:
-                continue
-            reason = rewrite(g, node, info)
-            if reason is None:
-                continue
-            if reason:
-                skips.add(reason)
-            else:
-                done += 1
+    for g, node in iter_sites(graph, ops, min_inputs):
+        reason = rewrite(g, node, info)
+        if reason is None:
+            continue
+        if reason:
+            skips.add(reason)
+        else:
+            done += 1
     return PassResult(changed=done > 0, stats={counter: done}, skipped=skips)
 
 
@@ -467,30 +461,27 @@ class FuseGemmTranspose(Pass):
         fused = 0
         skips = Skips()
         info = _LazyInfo(graph)
-        for g in all_graphs(graph):
-            for node in list(g.nodes):
-                if node.op not in ("Gemm", "MatMul") or not is_default_domain(node) or len(node.inputs) < 2:
+        for g, node in iter_sites(graph, ("Gemm", "MatMul"), min_inputs=2):
+            for i, attr in ((0, "transA"), (1, "transB")):
+                tr = producer(node.inputs[i])
+                if tr is None or tr.op != "Transpose" or not is_default_domain(tr):
                     continue
-                for i, attr in ((0, "transA"), (1, "transB")):
-                    tr = producer(node.inputs[i])
-                    if tr is None or tr.op != "Transpose" or not is_default_domain(tr):
-                        continue
-                    perm = list(tr.attrs.get("perm", [1, 0]))
-                    if perm != [1, 0] or _rank(tr.inputs[0], info) != 2:
-                        skips.add("not_2d_transpose")
-                        continue
-                    if node.op == "MatMul" and (_rank(node.inputs[1 - i], info) != 2):
-                        skips.add("not_2d")
-                        continue
-                    if not only_consumer(g, node.inputs[i], node):
-                        skips.add("transpose_shared")
-                        continue
-                    if node.op == "MatMul":
-                        node.op = "Gemm"
-                        node.attrs = {}
-                    node.attrs[attr] = 1 - int(node.attrs.get(attr, 0))
-                    node.inputs[i] = tr.inputs[0]
-                    fused += 1
+                perm = list(tr.attrs.get("perm", [1, 0]))
+                if perm != [1, 0] or _rank(tr.inputs[0], info) != 2:
+                    skips.add("not_2d_transpose")
+                    continue
+                if node.op == "MatMul" and (_rank(node.inputs[1 - i], info) != 2):
+                    skips.add("not_2d")
+                    continue
+                if not only_consumer(g, node.inputs[i], node):
+                    skips.add("transpose_shared")
+                    continue
+                if node.op == "MatMul":
+                    node.op = "Gemm"
+                    node.attrs = {}
+                node.attrs[attr] = 1 - int(node.attrs.get(attr, 0))
+                node.inputs[i] = tr.inputs[0]
+                fused += 1
         return PassResult(changed=fused > 0, stats={"fused": fused}, skipped=skips)
 
 

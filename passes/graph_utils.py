@@ -59,6 +59,16 @@ def is_default_domain(node: gs.Node) -> bool:
     return node.domain in ("", "ai.onnx", None)
 
 
+def iter_sites(graph: gs.Graph, ops, min_inputs: int = 0) -> Iterator[tuple[gs.Graph, gs.Node]]:
+    """The site walker: ``(g, node)`` for every default-domain node whose op is in ``ops`` with at
+    least ``min_inputs`` inputs, in ``graph`` and its subgraphs. Each graph's node list is read
+    before its first site is handed out, so a rewrite may add or remove nodes as it goes."""
+    for g in all_graphs(graph):
+        for node in list(g.nodes):
+            if node.op in ops and is_default_domain(node) and len(node.inputs) >= min_inputs:
+                yield g, node
+
+
 def constant_values(tensor: gs.Tensor) -> np.ndarray | None:
     """The values of a constant tensor (initializer or Constant node output), else None."""
     if isinstance(tensor, gs.Constant):

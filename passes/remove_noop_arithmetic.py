@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 from optimizer.pass_base import Pass, PassContext, PassResult
 from optimizer.pass_base import register_pass
 from passes.cleanup import _bypass
-from passes.graph_utils import all_graphs, constant_values, infer_tensor_types, is_default_domain
+from passes.graph_utils import constant_values, infer_tensor_types, is_default_domain, iter_sites
 from passes.skips import Skips
 from passes.simplify_utils import _result, _shape, _static
 
@@ -52,12 +52,8 @@ class RemoveNoopArithmetic(Pass):
         counts: Counter = Counter()
         skips = Skips()
         changed = False
-        for g in list(all_graphs(graph)):
-            for node in list(g.nodes):
-                if node.op not in _NEUTRAL or not is_default_domain(node):
-                    continue
-                if len(node.inputs) != 2 or len(node.outputs) != 1:
-                    continue
+        for g, node in iter_sites(graph, _NEUTRAL, min_inputs=2):
+            if len(node.inputs) == 2 and len(node.outputs) == 1:
                 changed |= self._remove(g, node, types, counts, skips)
         return _result(counts, changed, skips)
 
