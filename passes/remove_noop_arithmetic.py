@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 from optimizer.pass_base import Pass, PassContext, PassResult
 from optimizer.pass_base import register_pass
 from passes.cleanup import _bypass
-from passes.graph_utils import constant_values, infer_tensor_types, is_default_domain, iter_sites
+from passes.graph_utils import constant_values, infer_tensor_types, iter_sites
 from passes.skips import Skips
 from passes.simplify_utils import _result, _shape, _static
 
