@@ -22,7 +22,7 @@ from optimizer.manager import Hook, PassManager, VerifyMode
 from optimizer.pass_base import PassContext
 from optimizer.pipeline import Step, iter_passes
 from optimizer.report import Report
-from optimizer.runtime import OrtRunner, input_specs
+from optimizer.runtime import OrtRunner, Sessions, input_specs
 from optimizer.stats import model_stats
 from optimizer.task_metrics import load_metric
 from optimizer.validate import validate_model
@@ -119,7 +119,9 @@ def optimize(
         lossy_finite_only = max_accuracy_drop is not None
     specs = input_specs(original)
     given = _given_shapes(shapes, specs)
-    prepared = prepare(original, specs, given, data=data, calib=calibration)
+    sessions = Sessions()  # one ONNX Runtime session per model for every stage below
+    sessions.pin(original)
+    prepared = prepare(original, specs, given, data=data, calib=calibration, sessions=sessions)
     plan, samples = prepared.shapes, prepared.samples
     if samples is None and verify == "numeric":
         verify_used: VerifyMode = "structural"
@@ -133,10 +135,11 @@ def optimize(
     else:
         verify_used = verify
         input_warnings += plan.warnings
+    # lazy_noise: the float-noise probe runs only when a check fails the bound without it (same verdicts)
     manager = PassManager(pipeline, verify=verify_used, strict=strict, keep_going=keep_going, hooks=hooks,
-                          lossy_finite_only=lossy_finite_only)
+                          lossy_finite_only=lossy_finite_only, lazy_noise=True)
     ctx = PassContext(input_shapes=dict(plan.shapes) if static_shapes else {}, progress=progress,
-                      metric=loaded_metric[1] if loaded_metric else None)
+                      metric=loaded_metric[1] if loaded_metric else None, sessions=sessions)
     calibrates = any(type(p).uses_calibration for p in iter_passes(manager.steps))
     if samples is not None:
         ctx.verify_batches = samples.verify
@@ -180,6 +183,7 @@ def optimize(
     else:
         restored = restore_dynamic_dims(original, result.model)
         if restored:
+            sessions.forget(result.model)  # evaluation loads the model as it is written
             log.info("restored the original's dynamic dims of %s", ", ".join(restored))
     removed = [s.name for s in specs if s.name not in {i.name for i in input_specs(result.model)}]
     if removed:
@@ -195,7 +199,8 @@ def optimize(
             report.warnings.append(f"accuracy not measured: the original model runs at no shape tried; pass {plan.hint()}")
         else:
             accuracy = evaluate(original, result.model, samples.evaluation, plan.shapes, progress=progress,
-                                note=samples.note, batch_size=1 if prepared.batch_size == 1 else 32, metric=loaded_metric)
+                                note=samples.note, batch_size=1 if prepared.batch_size == 1 else 32, metric=loaded_metric,
+                                sessions=sessions)
             if max_accuracy_drop is not None:
                 from optimizer.budget import fit_budget
 

@@ -11,7 +11,7 @@ import onnx
 from calibration.data import ShapeSpec
 from calibration.sources import batch_len
 from optimizer.metrics import OutputAccumulator, OutputMetrics
-from optimizer.runtime import InputSpec, OrtRunner, input_specs, run_like
+from optimizer.runtime import InputSpec, OrtRunner, Sessions, input_specs
 from optimizer.task_metrics import MetricAccumulator, MetricScore, load_metric
 
 
@@ -68,33 +68,38 @@ def evaluate(
     progress: Callable[[str, int | None], Callable[..., None]] | None = None,
     note: str = "",
     metric=None,
+    sessions: Sessions | None = None,
 ) -> AccuracyReport:
     """Stream ``data`` through both models batch by batch; memory does not grow with samples.
 
     ``data``: a ``CalibrationSource`` (see ``calibration.samples``), ``ArrayData``, a path, or None
     for synthetic inputs at ``shapes`` (flagged in the report). ``metric``: a task metric (a name,
     ``module:function`` or a callable; see ``optimizer.task_metrics``) scored on both models.
+    ``sessions``: the run's ONNX Runtime sessions (``optimizer.runtime.Sessions``): both models'
+    sessions are reused, and so are their outputs on batches verification already ran.
     """
     from calibration.samples import SYNTHETIC_EVAL_SAMPLES, labelled_batches
     from calibration.sources import open_source
 
     specs = input_specs(original)
     source = open_source(data, specs, shapes=shapes or {}, synthetic_samples=SYNTHETIC_EVAL_SAMPLES, seed=1)
-    ref_runner = OrtRunner(original)
-    new_runner = OrtRunner(optimized)
+    sessions = sessions if sessions is not None else Sessions()
+    sessions.pin(original)
+    output_names = sessions.runner(original).output_names
+    sessions.runner(optimized)
     report = AccuracyReport(source.description, bool(source.synthetic), 0, warnings=getattr(source, "warnings", []))
     report.note = note
     # Batch by the optimized model's batch dims: passes may have fixed a dynamic one.
     batches = labelled_batches(source, _with_batch_dims(specs, input_specs(optimized)), batch_size)
-    accumulators = {name: OutputAccumulator(name) for name in ref_runner.output_names}
-    first = ref_runner.output_names[0]
+    accumulators = {name: OutputAccumulator(name) for name in output_names}
+    first = output_names[0]
     loaded = load_metric(metric)
     scorer = MetricAccumulator(*loaded) if loaded else None
     correct_ref = correct_new = labelled = 0
     advance = progress("evaluating", source.num_samples) if progress else None
     for feeds, labels in batches:
-        ref = ref_runner.run(feeds)
-        new = run_like(original, optimized, new_runner, feeds)
+        ref = sessions.run(original, feeds)
+        new = sessions.run_like(original, optimized, feeds)
         for name, acc in accumulators.items():
             acc.update(ref[name], new[name])
         if labels is not None and ref[first].ndim >= 2:

@@ -112,6 +112,8 @@ class PassManager:
                 hook.stages = self.stages
 
         self._original = current
+        if ctx.sessions is not None:
+            ctx.sessions.alias(current, model)  # the copy runs in the session of the model it copies
         ctx.original_inputs = input_specs(current)
         for hook in self.hooks:
             hook.start(current, ctx)

@@ -86,6 +86,8 @@ class PassContext:
     feed_adapter: Callable[[dict], dict] | None = None
     #: The user's task metric ``f(outputs, reference, labels) -> points`` (``--metric``), or None.
     metric: Callable[..., float] | None = None
+    #: ONNX Runtime sessions shared by the run's stages (``optimizer.runtime.Sessions``), or None.
+    sessions: Any = None
 
     def progress_bar(self, description: str, total: int | None = None) -> Callable[..., None]:
         """A progress callback; a no-op when nobody listens."""

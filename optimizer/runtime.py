@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -130,6 +130,97 @@ class OrtRunner:
         except Exception as exc:
             raise RuntimeFailure(f"ONNX Runtime failed to run the model: {_first_line(exc)}") from None
         return dict(zip(self.output_names, values))
+
+
+class Sessions:
+    """The ONNX Runtime sessions of one run, shared by its stages (sample planning, verification,
+    the float-noise probe, evaluation) so that each model is loaded once.
+
+    Models are keyed by object identity: a model must not be modified after it ran here (``forget``
+    it first). ``run(..., keep=True)`` also remembers the outputs, and a later ``run`` of the same
+    model on inputs equal in value (dtype, shape, every element) returns them instead of running
+    again -- what a second run of the same session computes. Pinned models keep their session for
+    the whole run; of the others only the ``keep`` most recently used do (verification candidates
+    come and go).
+    """
+
+    def __init__(self, keep: int = 1, remembered: int = 8):
+        self.keep, self.remembered = keep, remembered
+        self._entries: dict[int, _Session] = {}  # id(model) -> its session, in least-recent-first order
+        self._aliases: dict[int, tuple[onnx.ModelProto, onnx.ModelProto]] = {}  # id(copy) -> (copy, model)
+        self._pinned: set[int] = set()
+        self.loads = self.runs = self.reused = 0  # sessions created, runs made, runs answered from memory
+
+    def pin(self, model: onnx.ModelProto) -> None:
+        self._pinned.add(id(self._resolve(model)))
+
+    def alias(self, copy: onnx.ModelProto, model: onnx.ModelProto) -> None:
+        """``copy`` is an unmodified copy of ``model``: it uses ``model``'s session and outputs."""
+        self._aliases[id(copy)] = (copy, self._resolve(model))
+
+    def forget(self, model: onnx.ModelProto) -> None:
+        """Drop ``model``'s session and outputs (call before modifying a model that ran here)."""
+        self._entries.pop(id(model), None)
+        self._aliases.pop(id(model), None)
+
+    def runner(self, model: onnx.ModelProto) -> OrtRunner:
+        return self._entry(model).runner
+
+    def run(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray], keep: bool = False) -> dict[str, np.ndarray]:
+        """``model``'s outputs on ``feeds`` (extra keys ignored), from memory when it ran on equal inputs."""
+        entry = self._entry(model)
+        feeds = {n: feeds[n] for n in entry.runner.input_names if n in feeds}
+        for seen, outputs in entry.memory:
+            if _equal_feeds(seen, feeds):
+                self.reused += 1
+                return dict(outputs)
+        outputs = entry.runner.run(feeds)
+        self.runs += 1
+        if keep:
+            entry.memory.append((feeds, outputs))
+            del entry.memory[:-self.remembered]
+        return dict(outputs)
+
+    def run_like(self, original: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict, keep: bool = False) -> dict:
+        """``run_like`` through these sessions: feeds laid out for ``original``, outputs too."""
+        to_inputs, to_outputs = io_adapter(original, candidate)
+        return to_outputs(self.run(candidate, to_inputs(feeds), keep))
+
+    def _resolve(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        alias = self._aliases.get(id(model))
+        return alias[1] if alias is not None and alias[0] is model else model
+
+    def _entry(self, model: onnx.ModelProto) -> _Session:
+        model = self._resolve(model)
+        entry = self._entries.pop(id(model), None)
+        if entry is None or entry.model is not model:
+            entry = _Session(model, OrtRunner(model))
+            self.loads += 1
+        self._entries[id(model)] = entry  # now the most recently used
+        unpinned = [k for k in self._entries if k not in self._pinned]
+        for key in unpinned[:-self.keep] if self.keep else unpinned:
+            del self._entries[key]
+        return entry
+
+
+@dataclass
+class _Session:
+    model: onnx.ModelProto
+    runner: OrtRunner
+    memory: list = field(default_factory=list)  # (feeds, outputs) of runs made with keep=True
+
+
+def _equal_feeds(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for name, x in a.items():
+        y = b[name]
+        if x is y:
+            continue
+        x, y = np.asarray(x), np.asarray(y)
+        if x.dtype != y.dtype or x.shape != y.shape or not np.array_equal(x, y):
+            return False
+    return True
 
 
 def _first_line(exc: BaseException) -> str:

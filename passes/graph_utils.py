@@ -130,8 +130,10 @@ def is_constant_expression(tensor: gs.Tensor, _memo: dict[int, bool] | None = No
 def evaluate_constant_expression(tensor: gs.Tensor, opset: int, max_bytes: int = 1 << 20) -> np.ndarray | None:
     """Compute a small constant-expression tensor (see ``is_constant_expression``), else None.
 
-    Used for per-channel parameters generated at run time; evaluation uses onnx's reference
-    evaluator on just the nodes that produce ``tensor``. Results over ``max_bytes`` are refused.
+    Used for per-channel parameters generated at run time; evaluation runs just the nodes that
+    produce ``tensor`` in ONNX Runtime, or onnx's reference evaluator for an op ONNX Runtime
+    cannot run (the reference evaluator's first use costs 0.15 s of imports and set-up). Results
+    over ``max_bytes`` are refused.
     """
     value = constant_values(tensor)
     if value is not None:
@@ -154,17 +156,31 @@ def evaluate_constant_expression(tensor: gs.Tensor, opset: int, max_bytes: int =
         nodes.append(node)
 
     collect(tensor)
-    from onnx.reference import ReferenceEvaluator
-
     try:
         sub = gs.Graph(nodes=nodes, inputs=[], outputs=[tensor], opset=opset)
         model = gs.export_onnx(sub, do_type_check=False)
         model.ir_version = min(model.ir_version, 10)
-        (result,) = ReferenceEvaluator(model).run(None, {})
-    except Exception:  # an op the reference evaluator lacks: the caller skips the site
+    except Exception:  # a graph graphsurgeon cannot export: the caller skips the site
         return None
-    result = np.asarray(result)
-    return result if result.nbytes <= max_bytes else None
+    result = _run_constant_model(model)
+    return result if result is not None and result.nbytes <= max_bytes else None
+
+
+def _run_constant_model(model) -> np.ndarray | None:
+    """The one output of an input-free ``model``: ONNX Runtime, else onnx's reference evaluator."""
+    from optimizer.runtime import OrtRunner
+
+    try:
+        return np.asarray(next(iter(OrtRunner(model).run({}).values())))
+    except Exception:  # an op ONNX Runtime lacks (or cannot load here): try the reference evaluator
+        pass
+    from onnx.reference import ReferenceEvaluator
+
+    try:
+        (result,) = ReferenceEvaluator(model).run(None, {})
+    except Exception:  # an op the reference evaluator lacks too: the caller skips the site
+        return None
+    return np.asarray(result)
 
 
 #: What shape inference learned about a tensor: dims (``None`` for unknown or symbolic dims;
@@ -185,32 +201,13 @@ def infer_tensor_types(
 
     import onnx
 
-    from optimizer.io import pin_ir_version
-
-    model = gs.export_onnx(graph, do_type_check=False)
-    pin_ir_version(model)  # graphsurgeon keeps an IR 3 model's version but drops its initializer inputs
-    # Initializers also listed as graph inputs would be treated as unknown values by inference.
-    initializers = {t.name for t in model.graph.initializer}
-    kept = [v for v in model.graph.input if v.name not in initializers]
-    del model.graph.input[:]
-    model.graph.input.extend(kept)
     # Weights become typed inputs: inference needs only their types and shapes (data propagation
-    # only small integer tensors), and serializing every weight for each call dominated the passes'
+    # only small integer tensors), and exporting every weight for each call dominated the passes'
     # time on large models (1.9 s of 2.1 s on a 55 MB BERT encoder).
-    from passes.inference_model import LIGHT_ELEMENTS
+    from passes.inference_model import export_light, override_input_shapes
 
-    heavy = [t for t in model.graph.initializer if int(np.prod(t.dims, dtype=np.int64)) > LIGHT_ELEMENTS]
-    if heavy:
-        light = [t for t in model.graph.initializer if int(np.prod(t.dims, dtype=np.int64)) <= LIGHT_ELEMENTS]
-        model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in heavy)
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(light)
-    for value in model.graph.input:
-        given = (input_shapes or {}).get(value.name)
-        dims = value.type.tensor_type.shape.dim
-        if given is not None and value.type.tensor_type.HasField("shape") and len(dims) == len(given):
-            for dim, size in zip(dims, given):
-                dim.dim_value = int(size)  # clears dim_param (a oneof)
+    model = export_light(graph)
+    override_input_shapes(model, input_shapes)
     try:
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as exc:  # custom ops, invalid models: what was not inferred stays unknown

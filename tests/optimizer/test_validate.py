@@ -137,6 +137,22 @@ def test_initializer_bytes_do_not_match_its_type():
     refused(model, "tensor name: w")
 
 
+@pytest.mark.parametrize("elements", [4, 4096], ids=["small", "large"])  # checked by onnx / by us (LIGHT_ELEMENTS)
+def test_initializer_bytes_too_few_for_its_shape_small_or_large(elements):
+    weight = numpy_helper.from_array(np.ones((1, elements), np.float32), "w")
+    weight.raw_data = weight.raw_data[:-4]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, elements])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, elements])
+    model = make([helper.make_node("Add", ["x", "w"], ["y"], name="a")], inputs=(x,), outputs=(y,), initializers=[weight])
+    with pytest.raises(onnx.checker.ValidationError) as onnx_says:
+        onnx.checker.check_model(model)
+    message = refused(model, "tensor name: w", f"raw_data size ({4 * elements - 4} bytes) is too small")
+    assert " ".join(str(onnx_says.value).split()) in message  # the checker's own words
+    weight.raw_data += b"\0" * 8  # more bytes than needed: the checker accepts that, and so do we
+    model = make([helper.make_node("Add", ["x", "w"], ["y"], name="a")], inputs=(x,), outputs=(y,), initializers=[weight])
+    assert validate_model(model) == []
+
+
 def test_type_error_that_onnx_runtime_also_rejects():
     weight = numpy_helper.from_array(np.ones((1, 4), np.float64), "w")
     model = make([helper.make_node("Add", ["x", "w"], ["y"], name="add")], initializers=[weight])
