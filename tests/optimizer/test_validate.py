@@ -300,3 +300,14 @@ def test_regression_check_validates_both_models(tmp_path, capfd):
     assert main(["check", str(good), "--optimized", str(bad), "--min-cosine", "0.9"]) == 2
     err = capfd.readouterr().err
     assert f"{bad}: {PREFIX}" in err and len(err.strip().splitlines()) == 1
+
+
+def test_first_version_of_every_op_matches_onnxs_schema_history():
+    from optimizer.validate import _first_version
+
+    first: dict[tuple[str, str], int] = {}
+    for schema in onnx.defs.get_all_schemas_with_history():
+        key = (schema.domain, schema.name)
+        first[key] = min(first.get(key, schema.since_version), schema.since_version)
+    assert {key: _first_version(*key) for key in first} == first
+    assert _first_version("", "NoSuchOp") is None
