@@ -135,11 +135,27 @@ def evaluate_constant_expression(tensor: gs.Tensor, opset: int, max_bytes: int =
     cannot run (the reference evaluator's first use costs 0.15 s of imports and set-up). Results
     over ``max_bytes`` are refused.
     """
-    value = constant_values(tensor)
-    if value is not None:
-        return value
-    if not is_constant_expression(tensor):
-        return None
+    return evaluate_constant_expressions([tensor], opset, max_bytes)[0]
+
+
+def evaluate_constant_expressions(tensors: list[gs.Tensor], opset: int, max_bytes: int = 1 << 20) -> list:
+    """``evaluate_constant_expression`` of each of ``tensors``, in one ONNX Runtime session for all
+    of them (one per tensor only if that fails)."""
+    results = [constant_values(t) for t in tensors]
+    todo = [i for i, (t, r) in enumerate(zip(tensors, results)) if r is None and is_constant_expression(t)]
+    if not todo:
+        return results
+    values = _run_constant_model(_constant_model([tensors[i] for i in todo], opset)) if len(todo) > 1 else None
+    if values is None:  # one of them cannot be evaluated: each on its own
+        values = [_run_constant_model(_constant_model([tensors[i]], opset)) for i in todo]
+        values = [v[0] if v is not None else None for v in values]
+    for i, value in zip(todo, values):
+        results[i] = value if value is not None and value.nbytes <= max_bytes else None
+    return results
+
+
+def _constant_model(tensors: list[gs.Tensor], opset: int):
+    """An input-free model computing ``tensors`` (constant expressions) from the nodes producing them."""
     nodes: list[gs.Node] = []
     seen: set[int] = set()
 
@@ -155,32 +171,33 @@ def evaluate_constant_expression(tensor: gs.Tensor, opset: int, max_bytes: int =
                 collect(inp)
         nodes.append(node)
 
-    collect(tensor)
+    for tensor in tensors:
+        collect(tensor)
     try:
-        sub = gs.Graph(nodes=nodes, inputs=[], outputs=[tensor], opset=opset)
+        sub = gs.Graph(nodes=nodes, inputs=[], outputs=list(tensors), opset=opset)
         model = gs.export_onnx(sub, do_type_check=False)
         model.ir_version = min(model.ir_version, 10)
     except Exception:  # a graph graphsurgeon cannot export: the caller skips the site
         return None
-    result = _run_constant_model(model)
-    return result if result is not None and result.nbytes <= max_bytes else None
+    return model
 
 
-def _run_constant_model(model) -> np.ndarray | None:
-    """The one output of an input-free ``model``: ONNX Runtime, else onnx's reference evaluator."""
+def _run_constant_model(model) -> list[np.ndarray] | None:
+    """The outputs of an input-free ``model``: ONNX Runtime, else onnx's reference evaluator."""
     from optimizer.runtime import OrtRunner
 
+    if model is None:
+        return None
     try:
-        return np.asarray(next(iter(OrtRunner(model).run({}).values())))
+        return [np.asarray(v) for v in OrtRunner(model).run({}).values()]
     except Exception:  # an op ONNX Runtime lacks (or cannot load here): try the reference evaluator
         pass
     from onnx.reference import ReferenceEvaluator
 
     try:
-        (result,) = ReferenceEvaluator(model).run(None, {})
+        return [np.asarray(v) for v in ReferenceEvaluator(model).run(None, {})]
     except Exception:  # an op the reference evaluator lacks too: the caller skips the site
         return None
-    return np.asarray(result)
 
 
 #: What shape inference learned about a tensor: dims (``None`` for unknown or symbolic dims;
@@ -195,8 +212,15 @@ def infer_tensor_types(
 
     ``input_shapes`` overrides the dims of the named graph inputs for this inference only (the graph
     is not modified). Constants are always known. Inference that fails (custom ops, invalid
-    models) leaves the affected tensors out of the result; it never raises.
+    models) leaves the affected tensors out of the result; it never raises. Asked again about the
+    graph in the same state, it answers from memory (``passes.inference_cache``).
     """
+    from passes.inference_cache import remembered
+
+    return remembered(graph, "types", input_shapes, lambda: _infer_tensor_types(graph, input_shapes))
+
+
+def _infer_tensor_types(graph: gs.Graph, input_shapes) -> dict[str, InferredType]:
     import logging
 
     import onnx

@@ -127,7 +127,14 @@ def without_weights(model: onnx.ModelProto, max_elements: int = LIGHT_ELEMENTS, 
 
 def infer(graph: gs.Graph, input_shapes: dict[str, tuple[int, ...]] | None = None):
     """``(types, symbols)``: per tensor name ``(static dims or None, numpy dtype or None)`` as
-    ``infer_tensor_types`` gives them, and the dims with symbols kept (``int | str | None``)."""
+    ``infer_tensor_types`` gives them, and the dims with symbols kept (``int | str | None``);
+    remembered for the graph in its current state (``passes.inference_cache``)."""
+    from passes.inference_cache import remembered
+
+    return remembered(graph, "symbols", input_shapes, lambda: _infer(graph, input_shapes))
+
+
+def _infer(graph: gs.Graph, input_shapes):
     from passes.graph_utils import inferred_types
 
     model = light_model(graph, input_shapes)
