@@ -153,18 +153,19 @@ def optimize(
 
         ctx.calibration = open_source(calibration, specs)
     opset = next((o.version for o in original.opset_import if o.domain in ("", "ai.onnx")), 0)
+    original_stats = model_stats(original)
     report = Report(
         model_path=str(source.path) if source.path else "<ModelProto>",
         pipeline=manager.pipeline_text,
         verify=verify_used,
-        original=model_stats(original),
+        original=original_stats,
         opset=opset,
         ir_version=original.ir_version,
     )
     report.inputs = plan.to_dict()
     report.samples = samples.to_dict(calibrates) if samples is not None else None
     try:
-        result = manager.run(original, ctx)
+        result = manager.run(original, ctx, stats=original_stats)
     except PassError as exc:
         report.status = "verification_failed"
         report.error = str(exc)
@@ -177,6 +178,7 @@ def optimize(
     report.verification = result.verification
     report.time_breakdown = result.timing  # issue 16: where the manager's time went
     report.warnings = input_warnings + [w for w in result.warnings if w not in input_warnings]
+    restored: list[str] = []
     if static_shapes:
         report.warnings.append("--static-shapes: inputs may be fixed to " + ", ".join(
             f"{n} {'x'.join(map(str, s))}" for n, s in plan.shapes.items()))
@@ -191,7 +193,7 @@ def optimize(
             f"model inputs removed: {', '.join(removed)} (unused, or initializers that were also listed as inputs "
             "and are now constants); pass cleanup(remove_unused_inputs=false) to keep unused ones"
         )
-    report.optimized = model_stats(result.model)
+    report.optimized = result.stats if result.stats is not None and not restored else model_stats(result.model)
     if evaluate_accuracy:
         if not prepared.loadable:  # e.g. a custom op ONNX Runtime lacks: nothing to compare against
             report.warnings.append(f"accuracy not measured: the original model does not run in ONNX Runtime ({plan.failure})")

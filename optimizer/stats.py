@@ -89,11 +89,11 @@ def serialized_size(model: onnx.ModelProto) -> int:
     combined by protobuf's encoding of length-delimited fields (``graph`` is field 7 of
     ``ModelProto``, ``initializer`` field 5 of ``GraphProto``: one-byte tags)."""
     rest = onnx.ModelProto()
-    _copy_fields(model, rest, skip="graph")
+    copy_fields(model, rest, skip="graph")
     if not model.HasField("graph"):
         return rest.ByteSize()
     graph = onnx.GraphProto()
-    _copy_fields(model.graph, graph, skip="initializer")
+    copy_fields(model.graph, graph, skip="initializer")
     graph_size = graph.ByteSize() + sum(_field_size(_tensor_size(t)) for t in model.graph.initializer)
     return rest.ByteSize() + _field_size(graph_size)
 
@@ -105,12 +105,13 @@ def _tensor_size(tensor: onnx.TensorProto) -> int:
     if raw < 1 << 16:
         return tensor.ByteSize()
     rest = onnx.TensorProto()
-    _copy_fields(tensor, rest, skip="raw_data")
+    copy_fields(tensor, rest, skip="raw_data")
     return rest.ByteSize() + _field_size(raw)
 
 
-def _copy_fields(source, target, skip: str) -> None:
-    """Every set field of protobuf message ``source`` but ``skip`` (never read) into ``target``."""
+def copy_fields(source, target, skip: str) -> None:
+    """Every set field of protobuf message ``source`` but ``skip`` (never read, so a large
+    ``raw_data`` or ``initializer`` is not copied) into ``target``."""
     for field in source.DESCRIPTOR.fields:
         if field.name == skip:
             continue

@@ -30,43 +30,13 @@ LIGHT_ELEMENTS = 1024
 def export_light(graph: gs.Graph, max_elements: int = LIGHT_ELEMENTS, value_info: bool = True) -> onnx.ModelProto:
     """``gs.export_onnx(graph)`` without the data of the main graph's constants over ``max_elements``
     elements: they become graph inputs of the same type and shape, and their values are never
-    copied (a full export copies every weight twice, into the graph and into the model: 0.05 s per
-    call on a 55 MB model). Initializers listed as graph inputs (IR < 4) are not inputs here;
-    ``value_info``: also export the shapes the graph's tensors carry."""
-    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, dtype_to_onnx, update_import_domains
-    from onnx_graphsurgeon.ir.tensor import SparseValues
-
+    copied (a full export copies every weight: 0.05 s per call on a 55 MB model). Initializers
+    listed as graph inputs (IR < 4) are not inputs here; ``value_info``: also export the shapes the
+    graph's tensors carry."""
+    from optimizer.graph import export_model
     from optimizer.io import pin_ir_version
 
-    def heavy(t) -> bool:
-        return (isinstance(t, gs.Constant) and not isinstance(t._values, SparseValues)
-                and int(np.prod(t.shape, dtype=np.int64)) > max_elements)
-
-    tensors = graph.tensors()
-    constants = [t for t in tensors.values() if isinstance(t, gs.Constant)]
-    inputs = [OnnxExporter.export_value_info_proto(t, False) for t in graph.inputs if not isinstance(t, gs.Constant)]
-    inputs += [onnx.helper.make_tensor_value_info(t.name, dtype_to_onnx(t.export_dtype), list(t.shape))
-               for t in constants if heavy(t)]
-    for t in list(graph.inputs) + list(graph.outputs):
-        tensors.pop(t.name, None)
-    onnx_graph = onnx.helper.make_graph(
-        nodes=[OnnxExporter.export_node(n) for n in graph.nodes],
-        name=graph.name,
-        inputs=inputs,
-        outputs=[OnnxExporter.export_value_info_proto(t, False) for t in graph.outputs],
-        initializer=[OnnxExporter.export_tensor_proto(t) for t in constants
-                     if not heavy(t) and not isinstance(t._values, SparseValues)],
-        sparse_initializer=[OnnxExporter.export_sparse_tensor_proto(t) for t in constants
-                            if isinstance(t._values, SparseValues)],
-        value_info=[OnnxExporter.export_value_info_proto(t, False) for t in tensors.values()
-                    if value_info and isinstance(t, gs.Variable) and (t.dtype is not None or t.shape is not None)],
-        doc_string=graph.doc_string,
-    )
-    model = onnx.helper.make_model(onnx_graph, functions=[OnnxExporter.export_function(f) for f in graph.functions],
-                                   opset_imports=update_import_domains(graph))
-    model.producer_name, model.producer_version = graph.producer_name, graph.producer_version
-    if graph.ir_version is not None:
-        model.ir_version = graph.ir_version
+    model = export_model(graph, do_type_check=False, value_info=value_info, weights_as_inputs_over=max_elements)
     pin_ir_version(model)
     return model
 
