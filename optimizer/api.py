@@ -119,8 +119,7 @@ def optimize(
         lossy_finite_only = max_accuracy_drop is not None
     specs = input_specs(original)
     given = _given_shapes(shapes, specs)
-    sessions = Sessions()  # one ONNX Runtime session per model for every stage below
-    sessions.pin(original)
+    sessions = Sessions()  # ONNX Runtime sessions and outputs shared by every stage below
     prepared = prepare(original, specs, given, data=data, calib=calibration, sessions=sessions)
     plan, samples = prepared.shapes, prepared.samples
     if samples is None and verify == "numeric":
@@ -245,6 +244,9 @@ def optimize(
     if output is not None:
         protect = (source.path,) if source.path else ()
         report.output_path = str(save_model(result.model, output, protect=protect))
+    if report.time_breakdown is not None:  # the whole run's ONNX Runtime work, shared by its stages
+        report.time_breakdown["onnxruntime"] = {"sessions": sessions.loads, "runs": sessions.runs,
+                                                "runs_reused": sessions.reused}
     report.total_time_s = time.perf_counter() - start
     return OptimizeResult(result.model, report, plan)
 

@@ -11,7 +11,7 @@ import onnx
 from calibration.data import ShapeSpec
 from calibration.sources import batch_len
 from optimizer.metrics import OutputAccumulator, OutputMetrics
-from optimizer.runtime import InputSpec, OrtRunner, Sessions, input_specs
+from optimizer.runtime import InputSpec, OrtRunner, Sessions, input_specs, output_names
 from optimizer.task_metrics import MetricAccumulator, MetricScore, load_metric
 
 
@@ -84,20 +84,18 @@ def evaluate(
     specs = input_specs(original)
     source = open_source(data, specs, shapes=shapes or {}, synthetic_samples=SYNTHETIC_EVAL_SAMPLES, seed=1)
     sessions = sessions if sessions is not None else Sessions()
-    sessions.pin(original)
-    output_names = sessions.runner(original).output_names
-    sessions.runner(optimized)
+    names = output_names(original)
     report = AccuracyReport(source.description, bool(source.synthetic), 0, warnings=getattr(source, "warnings", []))
     report.note = note
     # Batch by the optimized model's batch dims: passes may have fixed a dynamic one.
     batches = labelled_batches(source, _with_batch_dims(specs, input_specs(optimized)), batch_size)
-    accumulators = {name: OutputAccumulator(name) for name in output_names}
-    first = output_names[0]
+    accumulators = {name: OutputAccumulator(name) for name in names}
+    first = names[0]
     loaded = load_metric(metric)
     scorer = MetricAccumulator(*loaded) if loaded else None
     correct_ref = correct_new = labelled = 0
     advance = progress("evaluating", source.num_samples) if progress else None
-    for feeds, labels in batches:
+    for feeds, labels in _open_both(sessions, batches):
         ref = sessions.run(original, feeds)
         new = sessions.run_like(original, optimized, feeds)
         for name, acc in accumulators.items():
@@ -121,6 +119,13 @@ def evaluate(
     if scorer is not None:
         report.metric = scorer.result()
     return report
+
+
+def _open_both(sessions: Sessions, batches):
+    """``batches``, with room for both models' sessions while they are read (batch by batch, each
+    model runs in turn)."""
+    with sessions.open_at_once(2):
+        yield from batches
 
 
 def compare_streams(reference: OrtRunner, batches: list[dict], outputs: list[dict]) -> list[OutputMetrics]:

@@ -139,7 +139,6 @@ class VerifyHook(Hook):
                 ctx.verify_batches = batches  # passes that run the model themselves use runnable inputs
             self.original = model
             self.sessions = ctx.sessions if ctx.sessions is not None else Sessions()
-            self.sessions.pin(model)
             with stages.measure("sessions"):
                 self.sessions.runner(model)
             with stages.measure("runs"):

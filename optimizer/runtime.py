@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -162,25 +163,33 @@ class OrtRunner:
 
 class Sessions:
     """The ONNX Runtime sessions of one run, shared by its stages (sample planning, verification,
-    the float-noise probe, evaluation) so that each model is loaded once.
+    the float-noise probe, evaluation) so that a model is loaded once per use, not once per stage.
 
     Models are keyed by object identity: a model must not be modified after it ran here (``forget``
-    it first). ``run(..., keep=True)`` also remembers the outputs, and a later ``run`` of the same
-    model on inputs equal in value (dtype, shape, every element) returns them instead of running
-    again -- what a second run of the same session computes. Pinned models keep their session for
-    the whole run; of the others only the ``keep`` most recently used do (verification candidates
-    come and go).
+    it first). ``run(..., keep=True)`` also remembers the outputs (the last ``remembered`` runs per
+    model, kept after its session closes), and a later ``run`` of that model on inputs equal in
+    value (dtype, shape, every element) returns them instead of running again -- what a second
+    run of the same session computes. At most ``keep`` sessions are open at a time, the least
+    recently used closed before another loads: one during verification (the original's, then each
+    candidate's), two while ``open_at_once(2)`` (evaluation compares two models batch by batch).
     """
 
     def __init__(self, keep: int = 1, remembered: int = 8):
         self.keep, self.remembered = keep, remembered
-        self._entries: dict[int, _Session] = {}  # id(model) -> its session, in least-recent-first order
+        self._open: dict[int, tuple[onnx.ModelProto, OrtRunner]] = {}  # least recently used first
+        self._memory: dict[int, tuple[onnx.ModelProto, list]] = {}  # id(model) -> (model, [(feeds, outputs)])
         self._aliases: dict[int, tuple[onnx.ModelProto, onnx.ModelProto]] = {}  # id(copy) -> (copy, model)
-        self._pinned: set[int] = set()
         self.loads = self.runs = self.reused = 0  # sessions created, runs made, runs answered from memory
 
-    def pin(self, model: onnx.ModelProto) -> None:
-        self._pinned.add(id(self._resolve(model)))
+    @contextlib.contextmanager
+    def open_at_once(self, count: int):
+        """Let ``count`` sessions stay open inside the ``with`` block."""
+        before, self.keep = self.keep, max(self.keep, count)
+        try:
+            yield self
+        finally:
+            self.keep = before
+            self._close(room=0)
 
     def alias(self, copy: onnx.ModelProto, model: onnx.ModelProto) -> None:
         """``copy`` is an unmodified copy of ``model``: it uses ``model``'s session and outputs."""
@@ -188,25 +197,36 @@ class Sessions:
 
     def forget(self, model: onnx.ModelProto) -> None:
         """Drop ``model``'s session and outputs (call before modifying a model that ran here)."""
-        self._entries.pop(id(model), None)
-        self._aliases.pop(id(model), None)
+        for table in (self._open, self._memory, self._aliases):
+            table.pop(id(model), None)
 
     def runner(self, model: onnx.ModelProto) -> OrtRunner:
-        return self._entry(model).runner
+        """``model``'s session, loaded unless it is open."""
+        model = self._resolve(model)
+        entry = self._open.pop(id(model), None)
+        if entry is None or entry[0] is not model:
+            self._close(room=1)
+            entry = (model, OrtRunner(model))
+            self.loads += 1
+        self._open[id(model)] = entry  # now the most recently used
+        return entry[1]
 
     def run(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray], keep: bool = False) -> dict[str, np.ndarray]:
         """``model``'s outputs on ``feeds`` (extra keys ignored), from memory when it ran on equal inputs."""
-        entry = self._entry(model)
-        feeds = {n: feeds[n] for n in entry.runner.input_names if n in feeds}
-        for seen, outputs in entry.memory:
+        model = self._resolve(model)
+        feeds = {s.name: feeds[s.name] for s in input_specs(model) if s.name in feeds}
+        entry = self._memory.get(id(model))
+        memory = entry[1] if entry is not None and entry[0] is model else []
+        for seen, outputs in memory:
             if _equal_feeds(seen, feeds):
                 self.reused += 1
                 return dict(outputs)
-        outputs = entry.runner.run(feeds)
+        outputs = self.runner(model).run(feeds)
         self.runs += 1
         if keep:
-            entry.memory.append((feeds, outputs))
-            del entry.memory[:-self.remembered]
+            memory.append((feeds, outputs))
+            del memory[:-self.remembered]
+            self._memory[id(model)] = (model, memory)
         return dict(outputs)
 
     def run_like(self, original: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict, keep: bool = False) -> dict:
@@ -218,24 +238,10 @@ class Sessions:
         alias = self._aliases.get(id(model))
         return alias[1] if alias is not None and alias[0] is model else model
 
-    def _entry(self, model: onnx.ModelProto) -> _Session:
-        model = self._resolve(model)
-        entry = self._entries.pop(id(model), None)
-        if entry is None or entry.model is not model:
-            entry = _Session(model, OrtRunner(model))
-            self.loads += 1
-        self._entries[id(model)] = entry  # now the most recently used
-        unpinned = [k for k in self._entries if k not in self._pinned]
-        for key in unpinned[:-self.keep] if self.keep else unpinned:
-            del self._entries[key]
-        return entry
-
-
-@dataclass
-class _Session:
-    model: onnx.ModelProto
-    runner: OrtRunner
-    memory: list = field(default_factory=list)  # (feeds, outputs) of runs made with keep=True
+    def _close(self, room: int) -> None:
+        """Close the least recently used sessions until ``room`` more fit under ``keep``."""
+        while self._open and len(self._open) > max(self.keep - room, 0):
+            del self._open[next(iter(self._open))]
 
 
 def _equal_feeds(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
