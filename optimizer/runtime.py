@@ -166,16 +166,17 @@ class Sessions:
     the float-noise probe, evaluation) so that a model is loaded once per use, not once per stage.
 
     Models are keyed by object identity: a model must not be modified after it ran here (``forget``
-    it first). ``run(..., keep=True)`` also remembers the outputs (the last ``remembered`` runs per
-    model, kept after its session closes), and a later ``run`` of that model on inputs equal in
+    it first). ``run(..., keep=True)`` also remembers the outputs (the last ``remembered`` runs of
+    each of the ``models`` most recently remembered, kept after their sessions close: the original
+    and the latest candidates), and a later ``run`` of that model on inputs equal in
     value (dtype, shape, every element) returns them instead of running again -- what a second
     run of the same session computes. At most ``keep`` sessions are open at a time, the least
     recently used closed before another loads: one during verification (the original's, then each
     candidate's), two while ``open_at_once(2)`` (evaluation compares two models batch by batch).
     """
 
-    def __init__(self, keep: int = 1, remembered: int = 8):
-        self.keep, self.remembered = keep, remembered
+    def __init__(self, keep: int = 1, remembered: int = 8, models: int = 3):
+        self.keep, self.remembered, self.models = keep, remembered, models
         self._open: dict[int, tuple[onnx.ModelProto, OrtRunner]] = {}  # least recently used first
         self._memory: dict[int, tuple[onnx.ModelProto, list]] = {}  # id(model) -> (model, [(feeds, outputs)])
         self._aliases: dict[int, tuple[onnx.ModelProto, onnx.ModelProto]] = {}  # id(copy) -> (copy, model)
@@ -215,8 +216,10 @@ class Sessions:
         """``model``'s outputs on ``feeds`` (extra keys ignored), from memory when it ran on equal inputs."""
         model = self._resolve(model)
         feeds = {s.name: feeds[s.name] for s in input_specs(model) if s.name in feeds}
-        entry = self._memory.get(id(model))
+        entry = self._memory.pop(id(model), None)
         memory = entry[1] if entry is not None and entry[0] is model else []
+        if memory:
+            self._memory[id(model)] = (model, memory)  # now the most recently used
         for seen, outputs in memory:
             if _equal_feeds(seen, feeds):
                 self.reused += 1
@@ -227,6 +230,8 @@ class Sessions:
             memory.append((feeds, outputs))
             del memory[:-self.remembered]
             self._memory[id(model)] = (model, memory)
+            for key in list(self._memory)[:-self.models]:
+                del self._memory[key]
         return dict(outputs)
 
     def run_like(self, original: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict, keep: bool = False) -> dict:

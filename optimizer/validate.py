@@ -219,6 +219,8 @@ def _check_op(
         )
     if domain not in DEFAULT_DOMAINS:
         return
+    if _defined_at(domain, node.op_type, imported[domain]):
+        return
     place = f"the '{domain}' domain" if domain else "the default ONNX domain"
     introduced = _first_version(domain, node.op_type)
     if introduced is None:
@@ -235,9 +237,20 @@ def _imports(model: onnx.ModelProto) -> dict[str, int]:
 
 
 @functools.lru_cache(maxsize=None)
+def _defined_at(domain: str, op: str, version: int) -> bool:
+    """Whether the installed onnx defines ``op`` at opset ``version`` of ``domain`` (one schema
+    lookup; reading every schema of every op costs 30 ms a run)."""
+    try:
+        onnx.defs.get_schema(op, version, domain)
+    except onnx.defs.SchemaError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
 def _first_version(domain: str, op: str) -> int | None:
-    """The opset that introduced ``op`` in ``domain`` in the installed onnx; None if it has no such op.
-    (Walks the op's own schema history: reading every schema of every op costs 30 ms a run.)"""
+    """The opset that introduced ``op`` in ``domain`` in the installed onnx; None if it has no such op
+    (walks the op's own schema history; for the message of a refused op)."""
     if not onnx.defs.has(op, domain):
         return None
     version = onnx.defs.get_schema(op, domain=domain).since_version

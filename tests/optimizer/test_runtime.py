@@ -140,3 +140,16 @@ def test_a_weight_with_too_few_bytes_is_refused_with_onnx_runtimes_words():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     with pytest.raises(runtime.RuntimeFailure, match="ONNX Runtime cannot load the model"):
         OrtRunner(model)
+
+
+def test_outputs_are_remembered_for_the_few_models_used_last():
+    models = [parse_model(RELU) for _ in range(4)]
+    sessions = Sessions(models=2)
+    x = np.ones((1, 4), np.float32)
+    for m in models[:3]:
+        sessions.run(m, {"x": x}, keep=True)
+    sessions.run(models[2], {"x": x})
+    sessions.run(models[1], {"x": x})
+    assert sessions.reused == 2
+    sessions.run(models[0], {"x": x})  # forgotten: the two used last are models[1] and models[2]
+    assert sessions.reused == 2 and sessions.runs == 4

@@ -311,3 +311,13 @@ def test_first_version_of_every_op_matches_onnxs_schema_history():
         first[key] = min(first.get(key, schema.since_version), schema.since_version)
     assert {key: _first_version(*key) for key in first} == first
     assert _first_version("", "NoSuchOp") is None
+
+
+def test_defined_at_agrees_with_the_first_version_for_every_op():
+    from optimizer.validate import _defined_at, _first_version
+
+    names = {(s.domain, s.name) for s in onnx.defs.get_all_schemas_with_history() if s.domain in ("", "ai.onnx.ml")}
+    for domain, op in sorted(names):
+        first = _first_version(domain, op)
+        for version in (first - 1, first, first + 3):
+            assert _defined_at(domain, op, version) == (version >= first), (domain, op, version)
