@@ -100,3 +100,59 @@ def test_entry_point_passes_load(monkeypatch, clean_registry):
     monkeypatch.setattr(registry, "_loaded", False)
     monkeypatch.setattr(metadata, "entry_points", lambda group: [FakeEntry()] if group == registry.ENTRY_POINT_GROUP else [])
     assert "plugin-noop" in available_passes()
+
+
+def test_builtin_table_names_the_module_of_every_builtin_pass():
+    import importlib
+
+    import passes
+    from optimizer.pass_base import _REGISTRY as registry
+
+    available_passes()
+    builtin = {name: cls.__module__ for name, cls in registry.items() if cls.__module__.startswith("passes.")}
+    assert builtin == passes.BUILTIN_MODULES
+    for name, module in passes.BUILTIN_MODULES.items():
+        assert registry[name].__module__ == module and importlib.import_module(module)
+
+
+def test_the_default_pipeline_imports_only_the_modules_of_its_passes():
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    code = (
+        "import sys, json\n"
+        "from optimizer.cli import main\n"
+        "from optimizer.pipeline import parse_pipeline, iter_passes\n"
+        "steps = parse_pipeline('default')\n"
+        "print(json.dumps({'modules': sorted(m for m in sys.modules if m.startswith('passes.')),\n"
+        "                  'passes': sorted({type(p).__module__ for p in iter_passes(steps)})}))\n"
+    )
+    import json
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    found = json.loads(out)
+    assert "passes.quantization" not in found["modules"] and "passes.pruning.channels" not in found["modules"]
+    assert set(found["passes"]) <= set(found["modules"])
+
+
+def test_a_user_pass_named_like_a_builtin_not_yet_loaded_is_refused():
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    code = (
+        "from dataclasses import dataclass\n"
+        "from optimizer import Pass, register_pass\n"
+        "class Mine(Pass):\n"
+        "    '''Doc.'''\n"
+        "    name = 'quantize-int8'\n"
+        "try:\n"
+        "    register_pass(Mine)\n"
+        "except ValueError as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert out.startswith("refused:") and "already registered" in out
