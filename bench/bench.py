@@ -14,6 +14,9 @@ relative error against the original model in ONNX Runtime on the CPU.
     python bench/bench.py --models digits_cnn light_resnet50 --out /tmp/r.md
     python bench/bench.py --compare --large --repeat 3   # + the > 5 MB models; median of 3 alternated runs
 
+Our packages are byte-compiled before anything is timed, as pip compiles the other tools' at install
+(``precompile_ours``; ``--no-precompile`` to time a from-source run).
+
 This script only measures and reports: it never asserts on times. It deliberately imports nothing
 from ``optimizer``/``passes``/``calibration`` (those are what it measures, as a black box through
 the CLI); it needs onnx, onnxruntime and numpy.
