@@ -202,16 +202,18 @@ def prepare(
     *,
     data=None,
     calib=None,
+    sessions=None,
 ) -> Prepared:
     """Open ``data``/``calib``, resolve shapes once (running the original to prove they work) and
     plan the samples. Raises ``InputError`` when the original model does not run on the user's own
     data or ``--shapes``; when it runs at no default shape, ``samples`` is None (say so, verify
-    structurally)."""
+    structurally). ``sessions`` (``optimizer.runtime.Sessions``): where the original's session and
+    the outputs of these trial runs are kept for the run's later stages."""
     from calibration.data import synthetic_inputs
     from calibration.shapes import observed_shapes, resolve_shapes
     from calibration.sources import open_source
     from optimizer.errors import InputError
-    from optimizer.runtime import OrtRunner, RuntimeFailure
+    from optimizer.runtime import RuntimeFailure, Sessions
 
     data_source = open_source(data, specs) if data is not None else None
     calib_source = open_source(calib, specs) if calib is not None else None
@@ -221,8 +223,9 @@ def prepare(
     first = next(iter(real.batches(specs, size)), None) if real is not None else None
     if real is not None and first is None:
         raise InputError(f"{real.description}: holds no samples")
+    sessions = sessions if sessions is not None else Sessions()
     try:
-        runner = OrtRunner(model)
+        sessions.runner(model)
     except RuntimeFailure as exc:  # e.g. a custom op ONNX Runtime lacks: shapes cannot be tested
         plan = resolve_shapes(model, specs, given, observed_shapes(first, where))
         plan.runs, plan.failure = False, str(exc)
@@ -233,7 +236,7 @@ def prepare(
         missing = [s for s in specs if s.name not in feeds]
         feeds.update(synthetic_inputs(missing, shapes))
         try:
-            runner.run(feeds)
+            sessions.run(model, feeds, keep=True)
         except InputError as exc:
             return str(exc)
         return None

@@ -22,7 +22,7 @@ from optimizer.manager import Hook, PassManager, VerifyMode
 from optimizer.pass_base import PassContext
 from optimizer.pipeline import Step, iter_passes
 from optimizer.report import Report
-from optimizer.runtime import OrtRunner, input_specs
+from optimizer.runtime import REPRODUCIBLE_THREADS, OrtRunner, Sessions, input_specs
 from optimizer.stats import model_stats
 from optimizer.task_metrics import load_metric
 from optimizer.validate import validate_model
@@ -99,7 +99,10 @@ def optimize(
         lossy_finite_only = max_accuracy_drop is not None
     specs = input_specs(original)
     given = _given_shapes(shapes, specs)
-    prepared = prepare(original, specs, given, data=data, calib=calibration)
+    # ONNX Runtime sessions and outputs shared by every stage below; one thread, as calibration and
+    # evaluation shards use, so outputs (and metrics) do not depend on where they were computed
+    sessions = Sessions(threads=REPRODUCIBLE_THREADS)
+    prepared = prepare(original, specs, given, data=data, calib=calibration, sessions=sessions)
     plan, samples = prepared.shapes, prepared.samples
     if samples is None and verify == "numeric":
         verify_used: VerifyMode = "structural"
@@ -113,11 +116,12 @@ def optimize(
     else:
         verify_used = verify
         input_warnings += plan.warnings
+    # lazy_noise: the float-noise probe runs only when a check fails the bound without it (same verdicts)
     manager = PassManager(pipeline, verify=verify_used, strict=strict, keep_going=keep_going, hooks=hooks,
-                          lossy_finite_only=lossy_finite_only)
+                          lossy_finite_only=lossy_finite_only, lazy_noise=True)
     ctx = PassContext(input_shapes=dict(plan.shapes) if static_shapes else {}, progress=progress,
                       metric=loaded_metric[1] if loaded_metric else None, executor=executor,
-                      calib_batch_size=calib_batch_size)
+                      calib_batch_size=calib_batch_size, sessions=sessions)
     calibrates = any(type(p).uses_calibration for p in iter_passes(manager.steps))
     if samples is not None:
         ctx.verify_batches = samples.verify
@@ -131,18 +135,19 @@ def optimize(
 
         ctx.calibration = open_source(calibration, specs)
     opset = next((o.version for o in original.opset_import if o.domain in ("", "ai.onnx")), 0)
+    original_stats = model_stats(original)
     report = Report(
         model_path=str(source.path) if source.path else "<ModelProto>",
         pipeline=manager.pipeline_text,
         verify=verify_used,
-        original=model_stats(original),
+        original=original_stats,
         opset=opset,
         ir_version=original.ir_version,
     )
     report.inputs = plan.to_dict()
     report.samples = samples.to_dict(calibrates) if samples is not None else None
     try:
-        result = manager.run(original, ctx)
+        result = manager.run(original, ctx, stats=original_stats)
     except PassError as exc:
         report.status = "verification_failed"
         report.error = str(exc)
@@ -156,12 +161,14 @@ def optimize(
     report.verification = result.verification
     report.time_breakdown = result.timing  # issue 16: where the manager's time went
     report.warnings = input_warnings + [w for w in result.warnings if w not in input_warnings]
+    restored: list[str] = []
     if static_shapes:
         report.warnings.append("--static-shapes: inputs may be fixed to " + ", ".join(
             f"{n} {'x'.join(map(str, s))}" for n, s in plan.shapes.items()))
     else:
         restored = restore_dynamic_dims(original, result.model)
         if restored:
+            sessions.forget(result.model)  # evaluation loads the model as it is written
             log.info("restored the original's dynamic dims of %s", ", ".join(restored))
     removed = [s.name for s in specs if s.name not in {i.name for i in input_specs(result.model)}]
     if removed:
@@ -169,7 +176,7 @@ def optimize(
             f"model inputs removed: {', '.join(removed)} (unused, or initializers that were also listed as inputs "
             "and are now constants); pass cleanup(remove_unused_inputs=false) to keep unused ones"
         )
-    report.optimized = model_stats(result.model)
+    report.optimized = result.stats if result.stats is not None and not restored else model_stats(result.model)
     if evaluate_accuracy:
         if not prepared.loadable:  # e.g. a custom op ONNX Runtime lacks: nothing to compare against
             report.warnings.append(f"accuracy not measured: the original model does not run in ONNX Runtime ({plan.failure})")
@@ -178,7 +185,7 @@ def optimize(
         else:
             accuracy = evaluate(original, result.model, samples.evaluation, plan.shapes, progress=progress,
                                 note=samples.note, batch_size=_evaluation_batch_size(prepared), metric=loaded_metric,
-                                executor=executor)
+                                executor=executor, sessions=sessions)
             budget = _budget_to_fit(manager.steps, result.records, max_accuracy_drop)
             if budget is not None:
                 accuracy = _fit_budget(budget, original, manager, ctx, samples, plan, result, accuracy, report,
@@ -199,6 +206,9 @@ def optimize(
     if output is not None:
         protect = (source.path,) if source.path else ()
         report.output_path = str(save_model(result.model, output, protect=protect))
+    if report.time_breakdown is not None:  # the whole run's ONNX Runtime work, shared by its stages
+        report.time_breakdown["onnxruntime"] = {"sessions": sessions.loads, "runs": sessions.runs,
+                                                "runs_reused": sessions.reused}
     report.total_time_s = time.perf_counter() - start
     record_executor(report, executor)
     return OptimizeResult(result.model, report, plan)

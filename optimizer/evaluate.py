@@ -10,6 +10,8 @@ evaluate many candidates on the same data compute the original's outputs once
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -21,7 +23,7 @@ from calibration.data import ShapeSpec
 from calibration.sources import batch_len, effective_batch_size, usable_samples
 from optimizer.errors import InputError
 from optimizer.metrics import OutputAccumulator, OutputMetrics
-from optimizer.runtime import REPRODUCIBLE_THREADS, InputSpec, OrtRunner, input_specs, output_names, run_like
+from optimizer.runtime import REPRODUCIBLE_THREADS, InputSpec, OrtRunner, Sessions, input_specs, output_names, run_like
 from optimizer.task_metrics import MetricAccumulator, MetricScore, load_metric
 
 #: Original-model outputs a search keeps in memory to share with its candidates; above this it
@@ -138,6 +140,7 @@ def evaluate(
     metric=None,
     executor=None,
     reference: ReferenceOutputs | None = None,
+    sessions: Sessions | None = None,
 ) -> AccuracyReport:
     """Stream ``data`` through both models batch by batch; memory does not grow with samples.
 
@@ -147,6 +150,9 @@ def evaluate(
     ``executor``: shard the batches over its tasks (``calibration.executor.fans_out``; the merged
     metrics equal the one-process ones bit for bit). ``reference``: the original's outputs on
     ``data``, computed once (``reference_outputs``); used when they were batched as this run is.
+    ``sessions``: the run's ONNX Runtime sessions (``optimizer.runtime.Sessions``, made with
+    ``REPRODUCIBLE_THREADS``): in process, both models' sessions are reused, and so are their
+    outputs on batches verification already ran.
     """
     from calibration.executor import fans_out
 
@@ -166,7 +172,7 @@ def evaluate(
     if tally is None:
         advance = progress("evaluating", source.num_samples) if progress else None
         tally = _tally(original, optimized, source, batch_specs, batch_size, loaded,
-                       reference.outputs if reference is not None else None, 0, None, advance)
+                       reference.outputs if reference is not None else None, 0, None, advance, sessions)
     tally.fill(report)
     return report
 
@@ -197,24 +203,30 @@ def _open(original: onnx.ModelProto, data, shapes):
 
 
 def _tally(original, optimized, source, batch_specs, batch_size, metric, reference, first: int, stop: int | None,
-           advance=None) -> Tally:
-    """The tally of batches ``[first, stop)`` of ``source`` (all from ``first`` when ``stop`` is None)."""
+           advance=None, sessions: Sessions | None = None) -> Tally:
+    """The tally of batches ``[first, stop)`` of ``source`` (all from ``first`` when ``stop`` is None);
+    the models run in ``sessions`` when given (both open at once), else in sessions of their own."""
     from calibration.samples import labelled_batches
 
-    ref_runner = None if reference is not None else OrtRunner(original, threads=REPRODUCIBLE_THREADS)
-    new_runner = OrtRunner(optimized, threads=REPRODUCIBLE_THREADS)
+    if sessions is None:
+        ref_runner = None if reference is not None else OrtRunner(original, threads=REPRODUCIBLE_THREADS)
+        new_runner = OrtRunner(optimized, threads=REPRODUCIBLE_THREADS)
+        run_ref, run_new = (lambda f: ref_runner.run(f)), (lambda f: run_like(original, optimized, new_runner, f))
+    else:
+        run_ref, run_new = (lambda f: sessions.run(original, f)), (lambda f: sessions.run_like(original, optimized, f))
     tally = Tally(output_names(original), metric)
-    for index, (feeds, labels) in enumerate(labelled_batches(source, batch_specs, batch_size)):
-        if stop is not None and index >= stop:
-            break
-        if index < first:
-            continue  # another shard's batch: read (the batches must be cut alike), not run
-        ref = ref_runner.run(feeds) if ref_runner is not None else reference[index - first]
-        new = run_like(original, optimized, new_runner, feeds)
-        batch = batch_len(feeds)
-        tally.update(ref, new, labels, batch)
-        if advance:
-            advance(batch)
+    with sessions.open_at_once(2) if sessions is not None else contextlib.nullcontext():
+        for index, (feeds, labels) in enumerate(labelled_batches(source, batch_specs, batch_size)):
+            if stop is not None and index >= stop:
+                break
+            if index < first:
+                continue  # another shard's batch: read (the batches must be cut alike), not run
+            ref = run_ref(feeds) if reference is None else reference[index - first]
+            new = run_new(feeds)
+            batch = batch_len(feeds)
+            tally.update(ref, new, labels, batch)
+            if advance:
+                advance(batch)
     return tally
 
 

@@ -15,7 +15,7 @@ import optimizer.io as model_io
 from optimizer.events import Hook, PassEvent, StageTimes
 from optimizer.metrics import compare_batches, first_violation
 from optimizer.pass_base import EXACT, PassContext, Tolerance
-from optimizer.runtime import OrtRunner, input_specs, run_like
+from optimizer.runtime import Sessions, input_specs
 from optimizer.stats import model_stats
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,7 @@ class VerifyHook(Hook):
         self.reference: list[dict[str, np.ndarray]] = []  # the original model's outputs
         self.previous: list[dict[str, np.ndarray]] = []  # the last accepted model's outputs
         self.noise = None
+        self.sessions: Sessions | None = None  # set by ``start`` (the run's, or its own)
         self.lossy_applied = False
         self._pending = None
         self.lazy_noise = lazy_noise
@@ -137,10 +138,11 @@ class VerifyHook(Hook):
                 batches = [_runnable_synthetic(model, ctx, self.warnings)]
                 ctx.verify_batches = batches  # passes that run the model themselves use runnable inputs
             self.original = model
+            self.sessions = ctx.sessions if ctx.sessions is not None else Sessions()
             with stages.measure("sessions"):
-                runner = OrtRunner(model)
+                self.sessions.runner(model)
             with stages.measure("runs"):
-                self.reference = [runner.run(b) for b in batches]
+                self.reference = [self.sessions.run(model, b, keep=True) for b in batches]
         except InputError as exc:
             self.numeric = False
             self.warnings.append(f"numeric verification unavailable, checking structure only: {exc}")
@@ -165,7 +167,7 @@ class VerifyHook(Hook):
         from optimizer.noise import estimate_noise
 
         with self.stages.measure("noise"):
-            self.noise = estimate_noise(self.original, self.batches, self.reference)
+            self.noise = estimate_noise(self.original, self.batches, self.reference, self.sessions.runner(self.original))
         self.info["noise"] = self.noise.to_dict()
         if self.noise.unstable:
             self.warnings.append(
@@ -202,9 +204,9 @@ class VerifyHook(Hook):
         if not self.numeric:
             return Verdict("passed" if self.structural else "skipped", "structural")
         with stages.measure("sessions"):
-            runner = OrtRunner(model)
+            self.sessions.runner(model)
         with stages.measure("runs"):
-            outputs = [run_like(self.original, model, runner, b) for b in self.batches]
+            outputs = [self.sessions.run_like(self.original, model, b, keep=True) for b in self.batches]
         try:
             return self._judge(outputs, lossy, tolerance)
         except VerificationError:

@@ -43,6 +43,7 @@ class RunResult:
     warnings: list[str] = field(default_factory=list)
     verification: dict = field(default_factory=dict)  # samples, noise and rule (VerifyHook.info)
     timing: dict = field(default_factory=dict)  # seconds and calls per stage (StageTimes.to_dict), plus replays
+    stats: ModelStats | None = None  # ``model``'s statistics when the run counted them (else None)
 
     @property
     def rolled_back(self) -> list[PassRecord]:
@@ -95,14 +96,17 @@ class PassManager:
     def pipeline_text(self) -> str:
         return format_pipeline(self.steps)
 
-    def run(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> RunResult:
-        """Run the pipeline on a copy of ``model``; the input proto is never modified."""
+    def run(self, model: onnx.ModelProto, ctx: PassContext | None = None, stats: ModelStats | None = None) -> RunResult:
+        """Run the pipeline on a copy of ``model``; the input proto is never modified. ``stats``:
+        ``model_stats(model)``, if the caller counted it already."""
         ctx = ctx or PassContext()
         current = onnx.ModelProto()
         current.CopyFrom(model)
         if not ctx.opset:
             ctx.opset = next((o.version for o in current.opset_import if o.domain in ("", "ai.onnx")), 0)
         state = _RunState(current, [], [])
+        if stats is not None:
+            state.remember_stats(current, stats)
         from optimizer.runtime import input_specs
 
         self.stages = StageTimes()
@@ -112,6 +116,8 @@ class PassManager:
                 hook.stages = self.stages
 
         self._original = current
+        if ctx.sessions is not None:
+            ctx.sessions.alias(current, model)  # the copy runs in the session of the model it copies
         ctx.original_inputs = input_specs(current)
         for hook in self.hooks:
             hook.start(current, ctx)
@@ -125,7 +131,8 @@ class PassManager:
             verification.update(getattr(hook, "info", {}))
         timing = {"stages": self.stages.to_dict(), "replayed_groups": list(self.replays),
                   "batched": self.batch}
-        return RunResult(state.model, state.records, self.pipeline_text, state.warnings, verification, timing)
+        return RunResult(state.model, state.records, self.pipeline_text, state.warnings, verification, timing,
+                         state.known_stats(state.model))
 
     def _run_steps(self, steps: list[Step], state: _RunState, ctx: PassContext, iteration: int,
                    top: bool = True) -> bool:
@@ -209,13 +216,13 @@ class PassManager:
 
         start_model, first_record, first_warning = state.model, len(state.records), len(state.warnings)
         ctx.feed_adapter = io_adapter(self._original, start_model)[0]
-        shared = _SharedGraph(start_model, self.stages, state.op_types())
+        shared = _SharedGraph(start_model, self.stages, state.op_types(), state.stats_of(start_model))
         try:
             if not self._shared_steps(group, shared, state, ctx, iteration=0):
                 return False
             with self.stages.measure("export"):
                 model = graph_to_model(shared.graph, start_model, shared.metadata)
-            self._verify_group(model, state.records[first_record:])
+            state.remember_stats(model, self._verify_group(model, state.records[first_record:]))
         except Exception as exc:  # a pass raised, or the group's model fails: find the pass
             changed = [r.spec for r in state.records[first_record:] if r.changed]
             self.replays.append({"passes": list(dict.fromkeys(changed)), "reason": _one_line(exc)})
@@ -271,24 +278,26 @@ class PassManager:
         record.time_s = time.perf_counter() - start
         return result.changed
 
-    def _verify_group(self, model: onnx.ModelProto, records: list[PassRecord]) -> None:
-        """One check of the group's model for all its changed passes (raises when it fails)."""
+    def _verify_group(self, model: onnx.ModelProto, records: list[PassRecord]) -> ModelStats:
+        """One check of the group's model for all its changed passes (raises when it fails); the
+        model's statistics."""
         from optimizer.hooks import VerifyHook
         from optimizer.stats import model_stats
 
         changed = [r for r in records if r.changed]
-        changed[-1].after = model_stats(model)  # exact; the others are counted on the graph
+        stats = changed[-1].after = model_stats(model)  # exact; the others are counted on the graph
         hook = next((h for h in self.hooks if isinstance(h, VerifyHook)), None)
         if hook is None:
             for r in changed:
                 r.verification = "off"
-            return
+            return stats
         verdict = hook.verify_model(model)  # lossless passes only, EXACT tolerance (``_batchable``)
         hook.commit(verdict)
         for r in changed:
             r.verification = verdict.status
             r.verification_detail = f"{verdict.detail} (checked once for the {len(changed)} changes of its group)"
         changed[-1].outputs = verdict.metrics
+        return stats
 
 
 def _fixpoint(step: FixedPoint, state: _RunState, run_round) -> bool:
@@ -313,13 +322,11 @@ def _batchable(step: Step) -> bool:
 class _SharedGraph:
     """The graph a batched group works on: imported once, lazily; op types and counts cached."""
 
-    def __init__(self, model: onnx.ModelProto, stages: StageTimes, op_types: frozenset[str]):
-        from optimizer.stats import model_stats
-
+    def __init__(self, model: onnx.ModelProto, stages: StageTimes, op_types: frozenset[str], stats: ModelStats):
         self.model, self.stages = model, stages
         self._graph: gs.Graph | None = None
         self._ops: frozenset[str] | None = op_types
-        self._stats = model_stats(model)
+        self._stats = stats
         self._base = self._stats  # exact stats of the model the group started on
         self._base_weights: tuple[int, int, int] | None = None
         self.version = 0  # bumped on every change
@@ -390,6 +397,24 @@ class _RunState:
     records: list[PassRecord]
     warnings: list[str]
     _ops: tuple = (None, frozenset())
+    _stats: dict = field(default_factory=dict)  # id(model) -> (model, its ModelStats)
+
+    def remember_stats(self, model: onnx.ModelProto, stats: ModelStats) -> None:
+        self._stats[id(model)] = (model, stats)
+
+    def known_stats(self, model: onnx.ModelProto) -> ModelStats | None:
+        entry = self._stats.get(id(model))
+        return entry[1] if entry is not None and entry[0] is model else None
+
+    def stats_of(self, model: onnx.ModelProto) -> ModelStats:
+        """``model_stats(model)``, counted once per model of this run (models are never modified)."""
+        stats = self.known_stats(model)
+        if stats is None:
+            from optimizer.stats import model_stats
+
+            stats = model_stats(model)
+            self.remember_stats(model, stats)
+        return stats
 
     def op_types(self) -> frozenset[str]:
         """Op types in the current model, subgraphs included (cached per model)."""

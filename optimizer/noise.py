@@ -55,8 +55,10 @@ def _nudge(batch: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
     return out
 
 
-def estimate_noise(model: onnx.ModelProto, batches: list[dict], reference: list[dict]) -> Noise:
-    """The noise of ``model`` on ``batches``, whose plain outputs are ``reference``."""
+def estimate_noise(model: onnx.ModelProto, batches: list[dict], reference: list[dict],
+                   plain: OrtRunner | None = None) -> Noise:
+    """The noise of ``model`` on ``batches``, whose plain outputs are ``reference``; ``plain``: a
+    session of ``model`` with graph optimizations off, if one is open already."""
     noise = Noise()
     runs: list[tuple[str, list[dict]]] = []
     try:
@@ -65,7 +67,7 @@ def estimate_noise(model: onnx.ModelProto, batches: list[dict], reference: list[
     except RuntimeFailure as exc:
         log.info("noise probe with ORT optimizations failed: %s", exc)
     try:
-        plain = OrtRunner(model)
+        plain = plain if plain is not None else OrtRunner(model)
         runs.append(("inputs nudged by 1 ulp", [plain.run(_nudge(b, i)) for i, b in enumerate(batches)]))
     except RuntimeFailure as exc:
         log.info("noise probe with nudged inputs failed: %s", exc)

@@ -102,6 +102,8 @@ class PassContext:
     #: Set by the manager before each pass: the model's ``metadata_props`` as that pass sees them
     #: (the input model's, updated by the ``PassResult.metadata`` of the passes before it).
     model_metadata: dict[str, str] = field(default_factory=dict)
+    #: ONNX Runtime sessions shared by the run's stages (``optimizer.runtime.Sessions``), or None.
+    sessions: Any = None
 
     def progress_bar(self, description: str, total: int | None = None) -> Callable[..., None]:
         """A progress callback; a no-op when nobody listens."""

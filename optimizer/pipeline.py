@@ -21,7 +21,7 @@ from typing import Any, Literal, Union
 
 from optimizer.errors import OptionError, PipelineError
 from optimizer.pass_base import Pass, format_pass
-from optimizer.registry import available_passes, get_pass_class
+from optimizer.registry import get_pass_class, is_pass_name
 
 PRESETS: dict[str, str] = {
     "none": "",
@@ -120,7 +120,7 @@ def _parse_step(part: str) -> Step | list[Step]:
     if not match:
         raise PipelineError(f"cannot parse pipeline step {part!r}; expected name or name(key=value, ...)")
     name, args = match.group(1), match.group(2)
-    if args is None and name in PRESETS and name not in available_passes() and PRESETS[name] != name:
+    if args is None and name in PRESETS and not is_pass_name(name) and PRESETS[name] != name:
         return parse_pipeline(PRESETS[name])  # a preset used as a step expands in place
     if name == "fixpoint":
         inner = parse_pipeline(args or "")

@@ -81,12 +81,15 @@ def precision_summary(model: onnx.ModelProto, records=()) -> dict:
 def precision_warnings(records) -> list[str]:
     """One line per precision pass (``precision_flag``) that ran but changed nothing, with the
     reasons it counted, so that ``--fp8`` on a model it cannot touch does not pass silently."""
-    from optimizer.registry import available_passes
+    from optimizer.errors import PipelineError
+    from optimizer.registry import get_pass_class
 
-    passes = available_passes()
     lines = []
     for record in records:
-        cls = passes.get(record.name)
+        try:
+            cls = get_pass_class(record.name)  # loaded already: the pass ran
+        except PipelineError:  # a pass registered for one run only
+            cls = None
         flag = getattr(cls, "precision_flag", None)
         if not flag or record.changed or record.rolled_back:  # rolled back passes are reported as such
             continue

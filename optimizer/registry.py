@@ -15,7 +15,8 @@ import logging
 from importlib import metadata
 
 from optimizer.errors import PipelineError
-from optimizer.pass_base import _REGISTRY, Pass, register_pass  # noqa: F401  (register_pass: public here too)
+from optimizer.pass_base import _REGISTRY, Pass
+from optimizer.pass_base import register_pass as _register
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def load_pass(name: str, target) -> type[Pass]:
     if isinstance(target, str):
         module_name, _, attr = target.partition(":")
         target = getattr(importlib.import_module(module_name), attr)
-    cls = register_pass(target)
+    cls = _register(target)
     if cls.name != name:
         raise ValueError(f"'{name}' is {cls.__module__}:{cls.__qualname__}, which registers a pass named {cls.name!r}")
     return cls
@@ -60,6 +61,20 @@ def _load_builtins_and_plugins() -> None:
             load_pass(entry.name, entry.load())
         except Exception as exc:  # a broken plugin must not break the tool
             log.warning("could not load pass plugin '%s' (%s): %s", entry.name, entry.value, exc)
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make ``cls`` available by ``cls.name`` in pipelines and on the command line
+    (a built-in pass of that name is loaded first, so that the clash is refused here)."""
+    _load_builtin(getattr(cls, "name", "") or "")
+    return _register(cls)
+
+
+def is_pass_name(name: str) -> bool:
+    """Whether a built-in or already registered pass is called ``name`` (plugins not loaded)."""
+    from passes import BUILTIN_PASSES
+
+    return name in _REGISTRY or name in BUILTIN_PASSES
 
 
 def available_passes() -> dict[str, type[Pass]]:

@@ -77,10 +77,20 @@ class CommonSubexpressionElimination(Pass):
     Constants (initializers) with the same dtype, shape and bytes, up to ``max_constant_bytes``
     each, are deduplicated first (by content hash), so nodes reading equal weights can merge.
 
+    ``QuantizeLinear``/``DequantizeLinear`` nodes merge when they read the very same data tensor
+    and their scale and zero point are equal in value (dtype, shape and bytes) -- two quantizers of
+    one tensor with the same parameters compute the same integers, so the duplicate pair becomes
+    one pair with two readers (as a quantizer emits for a residual branch)::
+
+        x -> Q(s, z) -> DQ(s, z) -> Conv          x -> Q(s, z) -> DQ(s, z) -> Conv
+        x -> Q(s', z') -> DQ(s', z') -> Add  becomes                       \\-> Add
+             (s' == s, z' == z in value)
+
+    Their constant inputs themselves are left as the quantizer wrote them (not deduplicated with
+    equal constants elsewhere: ``skipped_qdq`` counts those).
+
     Never merged (identical twins are counted): random ops and ``Dropout``, whose calls each
-    draw new values (``skipped_random``); ``QuantizeLinear``/``DequantizeLinear`` and their
-    constant inputs, since Q/DQ placement is what a quantization tool produced and TensorRT reads
-    and no general pass rewrites it (``skipped_qdq``); nodes in a custom domain, whose semantics
+    draw new values (``skipped_random``); nodes in a custom domain, whose semantics
     are unknown (``skipped_custom_domain``); nodes with If/Loop/Scan bodies
     (``skipped_subgraph``); nodes without outputs. Output names never change:
     when both nodes' outputs are graph outputs they stay apart (``skipped_graph_outputs``); when
@@ -153,12 +163,15 @@ class CommonSubexpressionElimination(Pass):
         merged = 0
         seen: dict[tuple, gs.Node] = {}
         refused: set[tuple] = set()
+        cache: dict[int, tuple | None] = {}
         for node in list(g.nodes):
             if not node.outputs:
                 continue
             reason = _cse_refusal(node)
             try:
                 key = _node_key(node, graph_mark=reason == "subgraph")
+                if node.op in QDQ_OPS and not reason:
+                    key = self._qdq_key(node, key, cache)
             except _Unmergeable:
                 continue
             if reason:
@@ -175,14 +188,23 @@ class CommonSubexpressionElimination(Pass):
                 skips.add("graph_outputs")
         return merged
 
+    def _qdq_key(self, node: gs.Node, key: tuple, cache: dict[int, tuple | None]) -> tuple:
+        """``key`` with a Q/DQ node's scale and zero point (inputs after the data) compared by
+        value; the data input stays compared by identity."""
+        inputs = list(key[2])
+        for i, t in enumerate(node.inputs[1:], start=1):
+            if isinstance(t, gs.Constant):
+                value = self._constant_key(t, cache)
+                if value is not None:
+                    inputs[i] = ("value", value)
+        return key[:2] + (tuple(inputs),) + key[3:]
+
 
 def _cse_refusal(node: gs.Node) -> str:
     if not is_default_domain(node):
         return "custom_domain"
     if node.op in RANDOM_OPS or node.op == "Dropout":
         return "random"
-    if node.op in QDQ_OPS:
-        return "qdq"
     if any(isinstance(v, gs.Graph) for v in node.attrs.values()):
         return "subgraph"
     return ""

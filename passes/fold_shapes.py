@@ -17,7 +17,7 @@ from passes.graph_utils import (
     RANDOM_OPS,
     all_graphs,
     constant_values,
-    evaluate_constant_expression,
+    evaluate_constant_expressions,
     is_constant_expression,
     is_default_domain,
     is_graph_output,
@@ -199,8 +199,7 @@ class FoldShapes(Pass):
             for t in n.outputs
             if t.name and (is_graph_output(g, t) or any(id(r) not in inside for r in t.outputs))
         ]
-        for t in frontier:
-            value = evaluate_constant_expression(t, g.opset or 13, self.max_bytes)
+        for t, value in zip(frontier, evaluate_constant_expressions(frontier, g.opset or 13, self.max_bytes)):
             if value is None:
                 skips.add("unevaluable")
                 continue

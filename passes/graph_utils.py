@@ -142,14 +142,32 @@ def is_constant_expression(tensor: gs.Tensor, _memo: dict[int, bool] | None = No
 def evaluate_constant_expression(tensor: gs.Tensor, opset: int, max_bytes: int = 1 << 20) -> np.ndarray | None:
     """Compute a small constant-expression tensor (see ``is_constant_expression``), else None.
 
-    Used for per-channel parameters generated at run time; evaluation uses onnx's reference
-    evaluator on just the nodes that produce ``tensor``. Results over ``max_bytes`` are refused.
+    Used for per-channel parameters generated at run time; evaluation runs just the nodes that
+    produce ``tensor`` in ONNX Runtime, or onnx's reference evaluator for an op ONNX Runtime
+    cannot run (the reference evaluator's first use costs 0.15 s of imports and set-up). Results
+    over ``max_bytes`` are refused.
     """
-    value = constant_values(tensor)
-    if value is not None:
-        return value
-    if not is_constant_expression(tensor):
-        return None
+    return evaluate_constant_expressions([tensor], opset, max_bytes)[0]
+
+
+def evaluate_constant_expressions(tensors: list[gs.Tensor], opset: int, max_bytes: int = 1 << 20) -> list:
+    """``evaluate_constant_expression`` of each of ``tensors``, in one ONNX Runtime session for all
+    of them (one per tensor only if that fails)."""
+    results = [constant_values(t) for t in tensors]
+    todo = [i for i, (t, r) in enumerate(zip(tensors, results)) if r is None and is_constant_expression(t)]
+    if not todo:
+        return results
+    values = _run_constant_model(_constant_model([tensors[i] for i in todo], opset)) if len(todo) > 1 else None
+    if values is None:  # one of them cannot be evaluated: each on its own
+        values = [_run_constant_model(_constant_model([tensors[i]], opset)) for i in todo]
+        values = [v[0] if v is not None else None for v in values]
+    for i, value in zip(todo, values):
+        results[i] = value if value is not None and value.nbytes <= max_bytes else None
+    return results
+
+
+def _constant_model(tensors: list[gs.Tensor], opset: int):
+    """An input-free model computing ``tensors`` (constant expressions) from the nodes producing them."""
     nodes: list[gs.Node] = []
     seen: set[int] = set()
 
@@ -165,18 +183,33 @@ def evaluate_constant_expression(tensor: gs.Tensor, opset: int, max_bytes: int =
                 collect(inp)
         nodes.append(node)
 
-    collect(tensor)
+    for tensor in tensors:
+        collect(tensor)
+    try:
+        sub = gs.Graph(nodes=nodes, inputs=[], outputs=list(tensors), opset=opset)
+        model = gs.export_onnx(sub, do_type_check=False)
+        model.ir_version = min(model.ir_version, 10)
+    except Exception:  # a graph graphsurgeon cannot export: the caller skips the site
+        return None
+    return model
+
+
+def _run_constant_model(model) -> list[np.ndarray] | None:
+    """The outputs of an input-free ``model``: ONNX Runtime, else onnx's reference evaluator."""
+    from optimizer.runtime import OrtRunner
+
+    if model is None:
+        return None
+    try:
+        return [np.asarray(v) for v in OrtRunner(model).run({}).values()]
+    except Exception:  # an op ONNX Runtime lacks (or cannot load here): try the reference evaluator
+        pass
     from onnx.reference import ReferenceEvaluator
 
     try:
-        sub = gs.Graph(nodes=nodes, inputs=[], outputs=[tensor], opset=opset)
-        model = gs.export_onnx(sub, do_type_check=False)
-        model.ir_version = min(model.ir_version, 10)
-        (result,) = ReferenceEvaluator(model).run(None, {})
-    except Exception:  # an op the reference evaluator lacks: the caller skips the site
+        return [np.asarray(v) for v in ReferenceEvaluator(model).run(None, {})]
+    except Exception:  # an op the reference evaluator lacks too: the caller skips the site
         return None
-    result = np.asarray(result)
-    return result if result.nbytes <= max_bytes else None
 
 
 #: What shape inference learned about a tensor: dims (``None`` for unknown or symbolic dims;
@@ -191,38 +224,26 @@ def infer_tensor_types(
 
     ``input_shapes`` overrides the dims of the named graph inputs for this inference only (the graph
     is not modified). Constants are always known. Inference that fails (custom ops, invalid
-    models) leaves the affected tensors out of the result; it never raises.
+    models) leaves the affected tensors out of the result; it never raises. Asked again about the
+    graph in the same state, it answers from memory (``passes.inference_cache``).
     """
+    from passes.inference_cache import remembered
+
+    return remembered(graph, "types", input_shapes, lambda: _infer_tensor_types(graph, input_shapes))
+
+
+def _infer_tensor_types(graph: gs.Graph, input_shapes) -> dict[str, InferredType]:
     import logging
 
     import onnx
 
-    from optimizer.io import pin_ir_version
-
-    model = gs.export_onnx(graph, do_type_check=False)
-    pin_ir_version(model)  # graphsurgeon keeps an IR 3 model's version but drops its initializer inputs
-    # Initializers also listed as graph inputs would be treated as unknown values by inference.
-    initializers = {t.name for t in model.graph.initializer}
-    kept = [v for v in model.graph.input if v.name not in initializers]
-    del model.graph.input[:]
-    model.graph.input.extend(kept)
     # Weights become typed inputs: inference needs only their types and shapes (data propagation
-    # only small integer tensors), and serializing every weight for each call dominated the passes'
+    # only small integer tensors), and exporting every weight for each call dominated the passes'
     # time on large models (1.9 s of 2.1 s on a 55 MB BERT encoder).
-    from passes.inference_model import LIGHT_ELEMENTS
+    from passes.inference_model import export_light, override_input_shapes
 
-    heavy = [t for t in model.graph.initializer if int(np.prod(t.dims, dtype=np.int64)) > LIGHT_ELEMENTS]
-    if heavy:
-        light = [t for t in model.graph.initializer if int(np.prod(t.dims, dtype=np.int64)) <= LIGHT_ELEMENTS]
-        model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in heavy)
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(light)
-    for value in model.graph.input:
-        given = (input_shapes or {}).get(value.name)
-        dims = value.type.tensor_type.shape.dim
-        if given is not None and value.type.tensor_type.HasField("shape") and len(dims) == len(given):
-            for dim, size in zip(dims, given):
-                dim.dim_value = int(size)  # clears dim_param (a oneof)
+    model = export_light(graph)
+    override_input_shapes(model, input_shapes)
     try:
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as exc:  # custom ops, invalid models: what was not inferred stays unknown

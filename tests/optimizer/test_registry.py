@@ -124,3 +124,46 @@ def test_load_pass_refuses_a_name_that_is_not_the_pass_name():
         from optimizer.registry import load_pass
 
         load_pass("not-cse", "passes.cse:CommonSubexpressionElimination")
+
+
+def test_the_default_pipeline_imports_only_the_modules_of_its_passes():
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    code = (
+        "import sys, json\n"
+        "from optimizer.cli import main\n"
+        "from optimizer.pipeline import parse_pipeline, iter_passes\n"
+        "steps = parse_pipeline('default')\n"
+        "print(json.dumps({'modules': sorted(m for m in sys.modules if m.startswith('passes.')),\n"
+        "                  'passes': sorted({type(p).__module__ for p in iter_passes(steps)})}))\n"
+    )
+    import json
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    found = json.loads(out)
+    assert "passes.quantization" not in found["modules"] and "passes.pruning.channels" not in found["modules"]
+    assert set(found["passes"]) <= set(found["modules"])
+
+
+def test_a_user_pass_named_like_a_builtin_not_yet_loaded_is_refused():
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    code = (
+        "from dataclasses import dataclass\n"
+        "from optimizer import Pass, register_pass\n"
+        "class Mine(Pass):\n"
+        "    '''Doc.'''\n"
+        "    name = 'quantize-int8'\n"
+        "try:\n"
+        "    register_pass(Mine)\n"
+        "except ValueError as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert out.startswith("refused:") and "already registered" in out

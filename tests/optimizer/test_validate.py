@@ -137,6 +137,22 @@ def test_initializer_bytes_do_not_match_its_type():
     refused(model, "tensor name: w")
 
 
+@pytest.mark.parametrize("elements", [4, 4096], ids=["small", "large"])  # checked by onnx / by us (LIGHT_ELEMENTS)
+def test_initializer_bytes_too_few_for_its_shape_small_or_large(elements):
+    weight = numpy_helper.from_array(np.ones((1, elements), np.float32), "w")
+    weight.raw_data = weight.raw_data[:-4]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, elements])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, elements])
+    model = make([helper.make_node("Add", ["x", "w"], ["y"], name="a")], inputs=(x,), outputs=(y,), initializers=[weight])
+    with pytest.raises(onnx.checker.ValidationError) as onnx_says:
+        onnx.checker.check_model(model)
+    message = refused(model, "tensor name: w", f"raw_data size ({4 * elements - 4} bytes) is too small")
+    assert " ".join(str(onnx_says.value).split()) in message  # the checker's own words
+    weight.raw_data += b"\0" * 8  # more bytes than needed: the checker accepts that, and so do we
+    model = make([helper.make_node("Add", ["x", "w"], ["y"], name="a")], inputs=(x,), outputs=(y,), initializers=[weight])
+    assert validate_model(model) == []
+
+
 def test_type_error_that_onnx_runtime_also_rejects():
     weight = numpy_helper.from_array(np.ones((1, 4), np.float64), "w")
     model = make([helper.make_node("Add", ["x", "w"], ["y"], name="add")], initializers=[weight])
@@ -284,3 +300,24 @@ def test_regression_check_validates_both_models(tmp_path, capfd):
     assert main(["check", str(good), "--optimized", str(bad), "--min-cosine", "0.9"]) == 2
     err = capfd.readouterr().err
     assert f"{bad}: {PREFIX}" in err and len(err.strip().splitlines()) == 1
+
+
+def test_first_version_of_every_op_matches_onnxs_schema_history():
+    from optimizer.validate import _first_version
+
+    first: dict[tuple[str, str], int] = {}
+    for schema in onnx.defs.get_all_schemas_with_history():
+        key = (schema.domain, schema.name)
+        first[key] = min(first.get(key, schema.since_version), schema.since_version)
+    assert {key: _first_version(*key) for key in first} == first
+    assert _first_version("", "NoSuchOp") is None
+
+
+def test_defined_at_agrees_with_the_first_version_for_every_op():
+    from optimizer.validate import _defined_at, _first_version
+
+    names = {(s.domain, s.name) for s in onnx.defs.get_all_schemas_with_history() if s.domain in ("", "ai.onnx.ml")}
+    for domain, op in sorted(names):
+        first = _first_version(domain, op)
+        for version in (first - 1, first, first + 3):
+            assert _defined_at(domain, op, version) == (version >= first), (domain, op, version)

@@ -121,14 +121,23 @@ def test_strict_makes_a_broken_pass_exit_1(broken, broken_passes, tmp_path, capf
     assert not (tmp_path / "o.onnx").exists()
 
 
-def test_report_states_samples_noise_and_rule(tmp_path, capsys):
+def test_report_states_samples_noise_and_rule(tmp_path, capsys, broken_passes):
     code = main([str(DIGITS / "model.onnx"), "-o", str(tmp_path / "o.onnx"), "--data", str(DIGITS / "eval.npz"), "--json"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0
     v = report["verification"]
-    assert v["samples"] == 8 and "noise" in v and "logits" in v["noise"]["max_abs"]
-    assert v["noise"]["probes"] and "10 x noise" in v["lossless_rule"]
+    assert v["samples"] == 8 and "10 x noise" in v["lossless_rule"]
+    # Every check passed within the bound without noise, so the noise probe never ran (lazily measured).
+    assert v["noise"] == {"measured": False, "why": "every check passed within the bound without noise"}
+    assert "noise" not in report["time_breakdown"]["stages"]
     assert report["samples"]["origin"] == "data" and report["accuracy"]["synthetic"] is False
+    # A check that fails the zero-noise bound measures the noise, and the report has it per output.
+    code = main([str(DIGITS / "model.onnx"), "-o", str(tmp_path / "o.onnx"), "--data", str(DIGITS / "eval.npz"), "--json",
+                 "--passes", "cleanup,test-wrong-bn-channels"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["rolled_back"][0]["pass"] == "test-wrong-bn-channels"
+    v = report["verification"]
+    assert v["noise"]["probes"] and "logits" in v["noise"]["max_abs"]
 
 
 ZERO = """

@@ -5,6 +5,8 @@ from helpers import assert_same_outputs, op_types, parse_model, random_inputs
 from onnx import TensorProto, helper, numpy_helper
 from simplify_helpers import assert_same_for_both_branches, run_twice, stats
 
+from optimizer import PassManager
+
 
 def test_duplicate_shape_chains_merge_in_cascade():
     model = parse_model(
@@ -175,25 +177,66 @@ def test_random_ops_are_never_merged():
     assert stats(result)["skipped_random"] == 1
 
 
-def test_quantize_dequantize_nodes_and_their_constants_are_left_alone():
+def test_weight_dequantizers_with_value_equal_scales_merge_but_their_constants_stay():
     model = parse_model(
         """
         <ir_version: 10, opset_import: ["" : 17]>
-        g (float[2, 4] x) => (float[2, 3] y)
-        <int8[4, 3] wq = {1, -2, 3, 4, 5, -6, 7, 8, 9, 10, 11, 12}, float s1 = {0.02}, float s2 = {0.02}> {
+        g (float[2, 4] x) => (float[2, 3] y, float[2, 4] z)
+        <int8[4, 3] wq = {1, -2, 3, 4, 5, -6, 7, 8, 9, 10, 11, 12}, float s1 = {0.02}, float s2 = {0.02},
+         float s3 = {0.02}> {
             w1 = DequantizeLinear(wq, s1)
             w2 = DequantizeLinear(wq, s2)
             a = MatMul(x, w1)
             b = MatMul(x, w2)
             y = Add(a, b)
+            z = Mul(x, s3)
         }
         """
     )
     result = run_twice(model, "cse")
-    assert op_types(result.model).count("DequantizeLinear") == 2
-    assert sorted(i.name for i in result.model.graph.initializer) == ["s1", "s2", "wq"]
+    assert op_types(result.model).count("DequantizeLinear") == 1
+    assert op_types(result.model).count("MatMul") == 1  # its readers became identical too
+    # s3 equals s1 but feeds no Q/DQ: it is not merged into the quantizer's constant
+    assert sorted(i.name for i in result.model.graph.initializer) == ["s1", "s3", "wq"]
     assert stats(result)["skipped_qdq"] == 1
     assert_same_outputs(model, result.model)
+
+
+QDQ_TWINS = """
+<ir_version: 10, opset_import: ["" : 17]>
+g (float[2, 8] x) => (float[2, 8] y)
+<float sa = {0.04}, int8 za = {0}, float sb = {SB}, ZB_TYPE zb = {0}> {
+    qa = QuantizeLinear(x, sa, za)
+    da = DequantizeLinear(qa, sa, za)
+    qb = QuantizeLinear(x, sb, zb)
+    db = DequantizeLinear(qb, sb, zb)
+    ra = Relu(da)
+    rb = Sigmoid(db)
+    y = Add(ra, rb)
+}
+"""
+
+
+def test_value_equal_quantize_dequantize_pairs_of_one_tensor_merge():
+    # A residual branch quantized twice with the same parameters (the zoo's qdq_prequant): one pair remains.
+    model = parse_model(QDQ_TWINS.replace("SB", "0.04").replace("ZB_TYPE", "int8"))
+    result = run_twice(model, "cse")
+    assert op_types(result.model).count("QuantizeLinear") == 1
+    assert op_types(result.model).count("DequantizeLinear") == 1
+    assert stats(result)["nodes_merged"] == 2
+    rng = np.random.default_rng(0)
+    for scale in (0.1, 3.0, 10.0):  # inputs inside, around and far beyond the int8 range
+        assert_same_outputs(model, result.model, {"x": (rng.standard_normal((2, 8)) * scale).astype(np.float32)},
+                            rtol=0, atol=0)
+
+
+def test_quantize_dequantize_pairs_with_other_parameters_stay_apart():
+    for sb, zb_type in (("0.05", "int8"), ("0.04", "uint8")):  # another scale; another zero-point type
+        model = parse_model(QDQ_TWINS.replace("SB", sb).replace("ZB_TYPE", zb_type))
+        result = PassManager("cse").run(model)
+        assert op_types(result.model).count("QuantizeLinear") == 2, (sb, zb_type)
+        assert op_types(result.model).count("DequantizeLinear") == 2, (sb, zb_type)
+        assert_same_outputs(model, result.model, random_inputs(model))
 
 
 def test_custom_domain_nodes_are_never_merged():

@@ -45,3 +45,47 @@ def test_union_find_roots_are_the_smallest_key_whatever_the_union_order():
     sets = UnionFind()
     assert sets.union(5, 7) == (5, 7) and sets.union(7, 5) is None
     assert sets.find(9) == 9  # an unseen key is its own set
+
+
+# -- constant expressions -------------------------------------------------------------------------
+CONSTANT_EXPRESSION = """
+<ir_version: 10, opset_import: ["" : 17]>
+g (float[2, 3] x) => (float[2, 3] y) {
+    shape = Constant<value = int64[2] {2, 3}>()
+    ones = ConstantOfShape<value = float[1] {1.5}>(shape)
+    start = Constant<value = float {0.0}>()
+    limit = Constant<value = float {3.0}>()
+    delta = Constant<value = float {1.0}>()
+    r = Range(start, limit, delta)
+    c = Mul(ones, r)
+    y = Add(x, c)
+}
+"""
+
+
+def test_constant_expressions_evaluate_in_onnxruntime_or_else_the_reference_evaluator(monkeypatch):
+    import optimizer.runtime
+    from passes.graph_utils import evaluate_constant_expression, evaluate_constant_expressions
+
+    graph = gs.import_onnx(parse_model(CONSTANT_EXPRESSION))
+    c = graph.tensors()["c"]
+    expected = np.full((2, 3), 1.5, np.float32) * np.arange(3, dtype=np.float32)
+    np.testing.assert_array_equal(evaluate_constant_expression(c, 17), expected)
+    assert evaluate_constant_expression(c, 17, max_bytes=8) is None  # larger than allowed
+
+    class NoRuntime:
+        def __init__(self, *args, **kwargs):
+            raise optimizer.runtime.RuntimeFailure("ONNX Runtime cannot load the model: no kernel")
+
+    # several at once, in one session: the same values; a tensor that is not constant gives None
+    tensors = graph.tensors()
+    many = evaluate_constant_expressions([tensors["r"], c, tensors["y"], tensors["ones"]], 17)
+    np.testing.assert_array_equal(many[0], np.arange(3, dtype=np.float32))
+    np.testing.assert_array_equal(many[1], expected)
+    assert many[2] is None
+    np.testing.assert_array_equal(many[3], np.full((2, 3), 1.5, np.float32))
+
+    monkeypatch.setattr(optimizer.runtime, "OrtRunner", NoRuntime)
+    np.testing.assert_array_equal(evaluate_constant_expression(c, 17), expected)
+    assert evaluate_constant_expression(graph.tensors()["y"], 17) is None  # reads the input x
+    np.testing.assert_array_equal(evaluate_constant_expressions([c, tensors["r"]], 17)[0], expected)
