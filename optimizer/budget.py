@@ -231,7 +231,7 @@ class Candidates:
         self.executor, self.rest, self.shapes, self.metric, self.cache_json = executor, list(rest), shapes, metric, cache_json
         self.start_model, self.local_ctx = start_model, ctx
         self.start = executor.share(start_model)
-        self.ctx = executor.share(replace(ctx, progress=None, feed_adapter=None, executor=None))  # tasks never fan out
+        self.ctx = executor.share(replace(ctx, progress=None, feed_adapter=None, executor=None, sessions=None))  # tasks never fan out; sessions stay here
         self._original, self._dataset = original, dataset
         self._evaluation: tuple | None = None
 
