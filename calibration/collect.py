@@ -52,7 +52,7 @@ from calibration.sources import (
     open_source,
 )
 from optimizer.errors import InputError
-from optimizer.metrics import exact_integers, exact_quotient
+from optimizer.metrics import EXACT_SHIFT, exact_quotient
 from optimizer.runtime import REPRODUCIBLE_THREADS, OrtRunner, input_specs
 
 log = logging.getLogger(__name__)
@@ -560,9 +560,14 @@ class ChannelMeans:
 
 
 def _exact_sums(values: np.ndarray) -> list[int]:
-    """``values`` ``[rows, C]`` float64 summed over rows exactly, per column, as scaled integers
-    (``optimizer.metrics.exact_integers``)."""
-    return list(exact_integers(values).sum(axis=0))
+    """``values`` ``[rows, C]`` float64 summed over rows exactly, per column, as integers scaled by
+    ``2**EXACT_SHIFT`` (``optimizer.metrics.exact_integers``). Summed one column at a time from a
+    generator, so the ~150-byte shifted integers never exist all at once (memory stays that of
+    ``values``)."""
+    mantissa, exponent = np.frexp(values)
+    integers = (mantissa * 2.0**53).astype(np.int64)  # exact: 53-bit mantissas
+    shifts = exponent.astype(np.int64) - 53 + EXACT_SHIFT  # frexp exponents are >= -1073: shifts >= 4
+    return [sum(m << s for m, s in zip(col_m, col_s)) for col_m, col_s in zip(integers.T.tolist(), shifts.T.tolist())]
 
 
 class _ChannelSum:

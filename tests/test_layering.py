@@ -161,3 +161,17 @@ def test_the_name_check_finds_a_pass_name(tmp_path, monkeypatch):
     monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
     found = pass_name_literals([tmp_path / "budget.py"], {"quantize-int8", "prune-channels", "cleanup"})
     assert sorted(f.split(": ", 1)[1] for f in found) == ["'prune-channels(ratio=0.5)'", "'quantize-int8'"]
+
+
+def test_no_module_over_700_lines_and_no_class_over_300():
+    """Issue 12's sizes, kept true: a file name still tells a newcomer what is inside."""
+    too_long = []
+    for package in ("optimizer", "passes", "calibration"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            text = path.read_text()
+            if text.count("\n") > 700:
+                too_long.append(f"{path.relative_to(ROOT)}: {text.count(chr(10))} lines")
+            for node in ast.walk(ast.parse(text)):
+                if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 300:
+                    too_long.append(f"{path.relative_to(ROOT)}: class {node.name} {node.end_lineno - node.lineno + 1} lines")
+    assert not too_long, too_long

@@ -63,9 +63,11 @@ def head():
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # Ray's graceful stop takes ~30 s; this cluster holds nothing
             os.killpg(proc.pid, signal.SIGKILL)
+        # every process of this cluster names its temp dir: stop any that left the session
+        subprocess.run(["pkill", "-9", "-f", temp], check=False)
 
 
 def _optimize(out: Path, *extra: str, env: dict | None = None) -> dict:
