@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -67,7 +68,8 @@ def head():
         except subprocess.TimeoutExpired:  # Ray's graceful stop takes ~30 s; this cluster holds nothing
             os.killpg(proc.pid, signal.SIGKILL)
         # every process of this cluster names its temp dir: stop any that left the session
-        subprocess.run(["pkill", "-9", "-f", temp], check=False)
+        if shutil.which("pkill"):  # procps may be missing on a minimal machine
+            subprocess.run(["pkill", "-9", "-f", temp], check=False)
 
 
 def _optimize(out: Path, *extra: str, env: dict | None = None) -> dict:
